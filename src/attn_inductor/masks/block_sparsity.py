@@ -1,0 +1,1 @@
+"""Block sparsity tables (interface; implementation in progress)."""
