@@ -1,0 +1,54 @@
+"""Every torch / Triton version gate and feature probe lives here, nowhere else.
+
+Supported: torch 2.11 (GPU machines, Python 3.12, Triton 3.6) and torch 2.13
+(CPU CI, Python 3.11, Triton 3.9).  Other modules ask this one questions
+("is the Triton interpreter on?", "which fake mode does this graph use?")
+instead of checking versions themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpret_enabled() -> bool:
+    """``TRITON_INTERPRET=1``: the Triton kernels run on CPU tensors (how CI tests them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fake_mode_of_graph(gm: torch.fx.GraphModule):
+    """Dynamo's fake mode for a graph handed to a backend (None if it has none)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("example_value", node.meta.get("val"))
+            mode = getattr(val, "fake_mode", None)
+            if mode is not None:
+                return mode
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    return ctx.fake_mode if ctx is not None else None
+
+
+def placeholder_fakes(gm: torch.fx.GraphModule) -> list:
+    """The fake tensors (or SymInts / constants) Dynamo recorded for each placeholder."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            out.append(node.meta.get("example_value", node.meta.get("val")))
+    return out
