@@ -1,0 +1,328 @@
+"""CPU attention core: key-tiled online softmax in plain torch.
+
+Why: the naive graph materialises (and for training keeps) a [B, H, Lq, Lk]
+score tensor; this path never does.  Each step works on one (q block, kv block)
+tile for every batch and head at once, with batched matmuls, so extra memory is
+O(B·H·block_m·block_n) plus O(B·H·Lq·D) accumulators.  Scores and masks are
+evaluated per tile by ``E.evaluate`` on the IR itself: the score/mask semantics
+are the IR's, not a second copy of them.
+
+Implements the core interface that ``runtime.py`` composes (the Triton path in
+``templates/launch.py`` has the same three functions):
+``core_forward``, ``core_backward``, ``preferred_blocks``.
+
+Invariants
+- ``s = scale * (q·k)``, the modified score, the softmax statistics and every
+  accumulator are fp32 (fp64 for fp64 inputs, where float32-typed IR nodes are
+  widened too); results are cast to the input dtypes once, at the end.
+- Tiles follow ``sparsity``'s blocks: EMPTY tiles (for every batch and head)
+  are never touched, FULL tiles (for every batch and head) skip the mask.  A
+  PARTIAL tile evaluates the mask first and is skipped when nothing passes, so
+  a dense-PARTIAL table still skips the causal upper triangle.
+- A row where nothing passes the mask (or every score is -inf) comes out as
+  out = 0, lse = -inf, and contributes nothing to the backward.
+- Deterministic by construction: one thread of Python visits tiles in a fixed
+  order, so ``deterministic`` changes nothing here.
+
+What it does not do: dropout, or NaN/Inf in V on keys of skipped tiles (an
+EMPTY tile is not read, so a NaN there does not propagate as it would in eager).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .lowering import expr as E
+from .lowering.expr import Expr
+from .masks.block_sparsity import EMPTY, FULL, PARTIAL, BlockSparsity, dense
+
+__all__ = ["core_forward", "core_backward", "preferred_blocks"]
+
+
+def preferred_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> tuple[int, int]:
+    """(block_m, block_n) for the tile loop.
+
+    Tiles of 256 x 256 keep the per-step Python overhead small next to the
+    batched matmuls while a [B, H, 256, 256] fp32 tile stays cache-friendly; the
+    backward keeps about twice as many tile-sized temporaries alive, so its kv
+    block is halved.
+    """
+    lq, lk = q.shape[-2], k.shape[-2]
+    block_m = min(256, max(lq, 1))
+    block_n = min(128 if backward else 256, max(lk, 1))
+    return block_m, block_n
+
+
+# ----------------------------------------------------------------------------- tile plan
+
+
+@dataclass(frozen=True)
+class _Tile:
+    kv_start: int
+    kv_stop: int
+    needs_mask: bool
+
+
+def _tile_plan(sparsity: BlockSparsity | None, mask: Expr | None, q, k, v, backward: bool):
+    """[(q_start, q_stop, [tiles])]: the kv tiles to visit for each q block.
+
+    A kv block is visited when it is non-EMPTY for some (b, h); its mask is
+    skipped only when it is FULL for every (b, h).
+    """
+    if sparsity is None:
+        block_m, block_n = preferred_blocks(q, k, v, backward)
+        sparsity = dense(block_m=block_m, block_n=block_n, q_len=q.shape[-2], kv_len=k.shape[-2],
+                         kind=FULL if mask is None else PARTIAL)
+    if (sparsity.q_len, sparsity.kv_len) != (q.shape[-2], k.shape[-2]):
+        raise ValueError(f"sparsity is for {sparsity.q_len}x{sparsity.kv_len}, inputs are "
+                         f"{q.shape[-2]}x{k.shape[-2]}")
+    block_map = sparsity.block_map().cpu()
+    visit = (block_map != EMPTY).flatten(0, 1).any(0).tolist()
+    all_full = (block_map == FULL).flatten(0, 1).all(0).tolist()
+    bm, bn = sparsity.block_m, sparsity.block_n
+    lq, lk = sparsity.q_len, sparsity.kv_len
+    plan = []
+    for i in range(sparsity.num_q_blocks):
+        tiles = [
+            _Tile(j * bn, min((j + 1) * bn, lk), needs_mask=mask is not None and not all_full[i][j])
+            for j in range(sparsity.num_kv_blocks)
+            if visit[i][j]
+        ]
+        plan.append((i * bm, min((i + 1) * bm, lq), tiles))
+    return plan
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _accumulation_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _widen_fp32(expr: Expr, acc_dtype: torch.dtype) -> Expr:
+    """With fp64 accumulation, float32-typed nodes (the IR's native score type and
+    every derivative ``E.diff`` returns) are computed in fp64; other dtypes stay."""
+    if acc_dtype != torch.float64:
+        return expr
+    F32, F64 = "float32", "float64"
+    memo: dict[Expr, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        if e in memo:
+            return memo[e]
+        if isinstance(e, E.Const):
+            out: Expr = E.Const(e.value, F64) if e.dtype == F32 else e
+        elif isinstance(e, E.Load):
+            out = E.Load(e.buffer, tuple(go(i) for i in e.indices), F64 if e.dtype == F32 else e.dtype)
+        elif isinstance(e, E.Call):
+            out = E.Call(e.op, tuple(go(a) for a in e.args), F64 if e.dtype == F32 else e.dtype)
+        else:
+            out = e
+        memo[e] = out
+        return out
+
+    return go(expr)
+
+
+class _TileIndices:
+    """Index tensors for one tile, shaped [B,1,1,1], [1,Hq,1,1], [1,1,bm,1], [1,1,1,bn]."""
+
+    def __init__(self, batch: int, heads: int, device):
+        self.b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+        self.h = torch.arange(heads, device=device).view(1, heads, 1, 1)
+        self.device = device
+
+    def __call__(self, q_start, q_stop, kv_start, kv_stop) -> dict[str, torch.Tensor]:
+        return {
+            "b": self.b,
+            "h": self.h,
+            "q_idx": torch.arange(q_start, q_stop, device=self.device).view(1, 1, -1, 1),
+            "kv_idx": torch.arange(kv_start, kv_stop, device=self.device).view(1, 1, 1, -1),
+        }
+
+
+def _evaluate(expr: Expr, idx, captured, s4, cache, shape, dtype) -> torch.Tensor:
+    if isinstance(expr, E.Score):
+        return s4
+    return torch.broadcast_to(E.evaluate(expr, idx, captured, s4, cache).to(dtype), shape)
+
+
+def _tile_keep(mask: Expr | None, tile: _Tile, idx, captured, cache):
+    """Mask of the tile, or None when every entry passes; False when none does."""
+    if not tile.needs_mask:
+        return None
+    keep = E.evaluate(mask, idx, captured, None, cache)
+    if not bool(keep.any()):
+        return False
+    if bool(keep.all()):
+        return None
+    return keep
+
+
+def _grouped(t: torch.Tensor, hkv: int, group: int, start: int, stop: int) -> torch.Tensor:
+    """[B, Hq, L, X] rows start:stop -> [B, Hkv, group*(stop-start), X] (a copy of the block)."""
+    b, _, _, x = t.shape
+    return t[:, :, start:stop].reshape(b, hkv, group * (stop - start), x)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@torch.no_grad()
+def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None):
+    """q [B,Hq,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv] (any strides), captured: list of tensors.
+
+    score: Expr (uses E.score = scale*q·k in fp32), mask: bool Expr or None, sparsity: BlockSparsity or None.
+    row_select: optional bool [B,Hq,Lq]; unselected rows may be skipped and must come out as out=0, lse=-inf.
+    Returns out [B,Hq,Lq,Dv] in v.dtype and lse [B,Hq,Lq] fp32 (natural log).
+    A row where no entry passes `mask` gives out = 0 and lse = -inf.
+    """
+    batch, hq, lq, _ = q.shape
+    hkv, dv = v.shape[1], v.shape[-1]
+    group = gqa_group
+    if hq != hkv * group:
+        raise ValueError(f"Hq={hq} is not Hkv={hkv} x gqa_group={group}")
+    acc = _accumulation_dtype(q)
+    score = _widen_fp32(score, acc)
+    out = torch.zeros(batch, hq, lq, dv, dtype=acc, device=q.device)
+    lse = torch.full((batch, hq, lq), -math.inf, dtype=torch.float32, device=q.device)
+    if row_select is not None and not bool(row_select.any()):
+        return out.to(v.dtype), lse
+
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    tile_indices = _TileIndices(batch, hq, q.device)
+    for q_start, q_stop, tiles in _tile_plan(sparsity, mask, q, k, v, backward=False):
+        if row_select is not None and not bool(row_select[:, :, q_start:q_stop].any()):
+            continue
+        bm = q_stop - q_start
+        q_blk = _grouped(qf, hkv, group, q_start, q_stop)           # [B, Hkv, G*bm, D]
+        row_max = torch.full((batch, hq, bm), -math.inf, dtype=acc, device=q.device)
+        row_sum = torch.zeros(batch, hq, bm, dtype=acc, device=q.device)
+        acc_blk = torch.zeros(batch, hkv, group * bm, dv, dtype=acc, device=q.device)
+        for tile in tiles:
+            idx = tile_indices(q_start, q_stop, tile.kv_start, tile.kv_stop)
+            cache: dict = {}
+            keep = _tile_keep(mask, tile, idx, captured, cache)
+            if keep is False:
+                continue
+            bn = tile.kv_stop - tile.kv_start
+            k_blk = kf[:, :, tile.kv_start:tile.kv_stop]
+            s = torch.matmul(q_blk, k_blk.transpose(-1, -2)).mul_(scale)
+            s4 = s.view(batch, hq, bm, bn)
+            x = _evaluate(score, idx, captured, s4, cache, s4.shape, acc)
+            if keep is not None:
+                x = torch.where(keep, x, -math.inf)
+            new_max = torch.maximum(row_max, x.amax(-1))
+            # rows with nothing live so far keep max -inf; shift them by 0 so exp gives 0, not NaN
+            shift = torch.where(new_max == -math.inf, 0.0, new_max)
+            p = torch.exp(x - shift.unsqueeze(-1))
+            correction = torch.exp(row_max - shift)
+            row_sum = row_sum * correction + p.sum(-1)
+            acc_blk.view(batch, hq, bm, dv).mul_(correction.unsqueeze(-1))
+            acc_blk.add_(torch.matmul(p.view(batch, hkv, group * bm, bn), vf[:, :, tile.kv_start:tile.kv_stop]))
+            row_max = new_max
+        acc4 = acc_blk.view(batch, hq, bm, dv)
+        empty = row_sum == 0
+        out[:, :, q_start:q_stop] = torch.where(empty.unsqueeze(-1), 0.0, acc4 / row_sum.unsqueeze(-1))
+        lse[:, :, q_start:q_stop] = torch.where(empty, -math.inf, row_max + torch.log(row_sum)).float()
+    if row_select is not None:
+        out = torch.where(row_select.unsqueeze(-1), out, 0.0)
+        lse = torch.where(row_select, lse, -math.inf)
+    return out.to(v.dtype), lse
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@torch.no_grad()
+def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *, score, mask, scale,
+                  gqa_group, sparsity, deterministic=False):
+    """Rows whose lse is -inf contribute nothing. Returns dq, dk, dv (input dtypes) and a list with, for each
+    captured tensor, its gradient (same shape/dtype) or None where captured_needs_grad[i] is False.
+
+    P is recomputed per tile from lse; dS = P * (dP - delta) with delta = rowsum(grad_out * out),
+    chained through d(score)/d(s) and, for captured tensors, d(score)/d(load) scattered (fp32
+    accumulation) at each Load's indices.
+    """
+    batch, hq, lq, d = q.shape
+    hkv, dv = v.shape[1], v.shape[-1]
+    group = gqa_group
+    acc = _accumulation_dtype(q)
+    score = _widen_fp32(score, acc)
+    dscore_ds = _widen_fp32(E.diff(score, E.score), acc)
+    load_grads = []  # (buffer, Load node, d score / d load) for every Load that needs a gradient
+    for load in E.loads(score):
+        if captured_needs_grad[load.buffer]:
+            dexpr = _widen_fp32(E.diff(score, load), acc)
+            if not E.is_const(dexpr, 0.0):
+                load_grads.append((load.buffer, load, dexpr))
+
+    dq = torch.zeros(batch, hq, lq, d, dtype=acc, device=q.device)
+    dk = torch.zeros(batch, hkv, k.shape[2], d, dtype=acc, device=q.device)
+    dvv = torch.zeros(batch, hkv, k.shape[2], dv, dtype=acc, device=q.device)
+    dcaptured = [
+        torch.zeros(t.shape, dtype=acc, device=t.device) if need else None
+        for t, need in zip(captured, captured_needs_grad)
+    ]
+
+    dead = lse == -math.inf
+    if not bool((~dead).any()):
+        return _finish(q, k, v, captured, dq, dk, dvv, dcaptured, scale)
+    # dead rows: P is 0 there (lse +inf), and a NaN grad_out/out must not leak through 0 * NaN
+    lse_safe = torch.where(dead, math.inf, lse).to(acc)
+    go = torch.where(dead.unsqueeze(-1), 0.0, grad_out.to(acc))
+    delta = torch.where(dead, 0.0, (go * out.to(acc)).sum(-1))
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    tile_indices = _TileIndices(batch, hq, q.device)
+
+    for q_start, q_stop, tiles in _tile_plan(sparsity, mask, q, k, v, backward=True):
+        if bool(dead[:, :, q_start:q_stop].all()):
+            continue
+        bm = q_stop - q_start
+        q_blk = _grouped(qf, hkv, group, q_start, q_stop)            # [B, Hkv, G*bm, D]
+        go_blk = _grouped(go, hkv, group, q_start, q_stop)           # [B, Hkv, G*bm, Dv]
+        lse_blk = lse_safe[:, :, q_start:q_stop].unsqueeze(-1)
+        delta_blk = delta[:, :, q_start:q_stop].unsqueeze(-1)
+        dq_blk = torch.zeros_like(q_blk)
+        for tile in tiles:
+            idx = tile_indices(q_start, q_stop, tile.kv_start, tile.kv_stop)
+            cache: dict = {}
+            keep = _tile_keep(mask, tile, idx, captured, cache)
+            if keep is False:
+                continue
+            kv = slice(tile.kv_start, tile.kv_stop)
+            bn = tile.kv_stop - tile.kv_start
+            s = torch.matmul(q_blk, kf[:, :, kv].transpose(-1, -2)).mul_(scale)
+            s4 = s.view(batch, hq, bm, bn)
+            x = _evaluate(score, idx, captured, s4, cache, s4.shape, acc)
+            if keep is not None:
+                x = torch.where(keep, x, -math.inf)
+            p = torch.exp(x - lse_blk)                                             # [B, Hq, bm, bn]
+            dp = torch.matmul(go_blk, vf[:, :, kv].transpose(-1, -2)).view(batch, hq, bm, bn)
+            dx = p * (dp - delta_blk)                                              # d loss / d score
+            ds = dx if E.is_const(dscore_ds, 1.0) else dx * _evaluate(
+                dscore_ds, idx, captured, s4, cache, s4.shape, acc)               # d loss / d s
+            ds3 = ds.reshape(batch, hkv, group * bm, bn)
+            dq_blk.add_(torch.matmul(ds3, kf[:, :, kv]))
+            dk[:, :, kv].add_(torch.matmul(ds3.transpose(-1, -2), q_blk))
+            dvv[:, :, kv].add_(torch.matmul(p.view(batch, hkv, group * bm, bn).transpose(-1, -2), go_blk))
+            for i, load, dexpr in load_grads:
+                g = dx * _evaluate(dexpr, idx, captured, s4, cache, s4.shape, acc)
+                at = [torch.broadcast_to(E.evaluate(ix, idx, captured, s4, cache).long(), g.shape)
+                      for ix in load.indices]
+                if at:
+                    dcaptured[i].index_put_(tuple(at), g, accumulate=True)
+                else:
+                    dcaptured[i].add_(g.sum())
+        dq[:, :, q_start:q_stop] = dq_blk.view(batch, hq, bm, d)
+    return _finish(q, k, v, captured, dq, dk, dvv, dcaptured, scale)
+
+
+def _finish(q, k, v, captured, dq, dk, dv, dcaptured, scale):
+    dq = (dq * scale).to(q.dtype)
+    dk = (dk * scale).to(k.dtype)
+    dcaptured = [None if g is None else g.to(t.dtype) for g, t in zip(dcaptured, captured)]
+    return dq, dk, dv.to(v.dtype), dcaptured

@@ -1,0 +1,170 @@
+"""Spec semantics composed from the attention core, shared by the CPU and Triton paths.
+
+A core (``cpu.py``, ``templates/launch.py``) only knows "softmax over entries
+that pass one mask; a row with none gives out 0, lse -inf".  spec.py asks for
+more, and this module builds it from core calls (Note [fully masked rows]):
+
+1. live pass: ``score_live`` over ``live_mask`` (hard & soft), block sparsity of
+   ``live_mask``.
+2. soft-mask fallback (only when the spec has a soft mask): rows the live pass
+   left empty (lse -inf) are recomputed with ``score_full`` over the hard mask,
+   with ``row_select`` so an implementation may skip every other row; merged
+   with ``torch.where``, no host sync.  This is eager's finfo.min behaviour: a
+   row whose every entry got the huge negative averages over its hard entries.
+3. rows with no hard entry at all (both lse are -inf): NaN, as eager gives, or
+   zeros with ``fully_masked_rows="zeros"``.
+
+The backward mirrors it: a live-pass backward with ``lse``, a fallback-pass
+backward with ``lse_fallback`` (each is -inf on the other's rows, which then
+contribute nothing), summed.  For rows of step 3 under the "eager" policy it
+reproduces what autograd through the naive additive-mask graph gives: the
+row's dq is NaN, dk and dv of the whole (batch, kv head) the row attends are
+NaN (every key receives P·dO and dS·q from a NaN row), and each captured
+tensor that needs grad is NaN at the entries the row's ``score_full`` loads
+(evaluated over all keys).  That last step needs the dead rows on the host, so
+it syncs, only when such a captured gradient is requested.
+
+Sparsity: always a ``BlockSparsity`` built with ``impl.preferred_blocks`` —
+dense FULL without a predicate, else ``get_block_sparsity`` (dense PARTIAL
+until the masks package provides it).  What it does not do: dropout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .lowering import expr as E
+from .lowering.expr import Expr
+from .lowering.spec import AttentionSpec
+from .masks.block_sparsity import FULL, PARTIAL, BlockSparsity, dense
+
+__all__ = ["attention_forward", "attention_backward", "block_sparsity_for"]
+
+
+def block_sparsity_for(pred: Expr | None, q, k, captured, block_m: int, block_n: int) -> BlockSparsity:
+    """Tile classes for ``pred`` (None: every tile FULL).  The one place that picks the analysis."""
+    batch, heads, q_len = q.shape[0], q.shape[1], q.shape[2]
+    kv_len = k.shape[2]
+    if pred is None:
+        return dense(block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len, device=q.device, kind=FULL)
+    try:
+        from .masks.block_sparsity import get_block_sparsity
+    except ImportError:  # masks/ has not grown the analysis yet: every tile PARTIAL is always sound
+        return dense(block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len, device=q.device, kind=PARTIAL)
+    return get_block_sparsity(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
+                              block_m=block_m, block_n=block_n, device=q.device)
+
+
+def _sparsity(impl, pred, q, k, v, captured, backward: bool) -> BlockSparsity:
+    block_m, block_n = impl.preferred_blocks(q, k, v, backward=backward)
+    return block_sparsity_for(pred, q, k, captured, block_m, block_n)
+
+
+def _check(spec: AttentionSpec, q, k, v, captured):
+    if spec.dropout_p:
+        raise NotImplementedError("attention with dropout is not implemented by the runtime")
+    if q.shape[1] != k.shape[1] * spec.gqa_group:
+        raise ValueError(f"q has {q.shape[1]} heads, k has {k.shape[1]}, spec says gqa_group={spec.gqa_group}")
+    if len(captured) != spec.num_captured:
+        raise ValueError(f"spec captures {spec.num_captured} tensors, got {len(captured)}")
+
+
+def _no_hard_entry(lse: torch.Tensor, lse_fallback: torch.Tensor) -> torch.Tensor:
+    """Rows of step 3: neither pass found an entry."""
+    dead = lse == -math.inf
+    if lse_fallback.numel():
+        dead = dead & (lse_fallback == -math.inf)
+    return dead
+
+
+def attention_forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor], impl):
+    """-> (out [B,Hq,Lq,Dv] in v.dtype, lse [B,Hq,Lq] fp32, lse_fallback).
+
+    ``lse`` is the live pass's (-inf on soft-masked and fully masked rows);
+    ``lse_fallback`` is the fallback pass's lse on the rows it computed and -inf
+    elsewhere, or an empty tensor when the spec has no soft mask.  Both are
+    what ``attention_backward`` needs.
+    """
+    _check(spec, q, k, v, captured)
+    common = dict(scale=spec.scale, gqa_group=spec.gqa_group)
+    out, lse = impl.core_forward(
+        q, k, v, captured, score=spec.score_live, mask=spec.live_mask,
+        sparsity=_sparsity(impl, spec.live_mask, q, k, v, captured, backward=False), **common)
+    if spec.has_soft_mask:
+        soft_rows = lse == -math.inf
+        out_fb, lse_fb = impl.core_forward(
+            q, k, v, captured, score=spec.full_score, mask=spec.mask,
+            sparsity=_sparsity(impl, spec.mask, q, k, v, captured, backward=False),
+            row_select=soft_rows, **common)
+        out = torch.where(soft_rows.unsqueeze(-1), out_fb, out)
+        lse_fallback = torch.where(soft_rows, lse_fb, -math.inf)
+    else:
+        lse_fallback = lse.new_empty(0)
+    if spec.fully_masked_rows == "eager":
+        out = torch.where(_no_hard_entry(lse, lse_fallback).unsqueeze(-1), math.nan, out)
+    return out, lse, lse_fallback
+
+
+def attention_backward(spec: AttentionSpec, q, k, v, out, lse, lse_fallback, grad_out,
+                       captured: Sequence[torch.Tensor], captured_needs_grad: Sequence[bool], impl,
+                       deterministic: bool = False):
+    """-> (dq, dk, dv, dcaptured): input dtypes; dcaptured[i] is None where not needed.
+
+    Rows with no hard entry: see the module docstring (NaN as eager's autograd
+    gives, or no contribution under the "zeros" policy).
+    """
+    _check(spec, q, k, v, captured)
+    common = dict(scale=spec.scale, gqa_group=spec.gqa_group, deterministic=deterministic)
+    needs = list(captured_needs_grad)
+    dq, dk, dv, dcap = impl.core_backward(
+        q, k, v, out, lse, grad_out, captured, needs, score=spec.score_live, mask=spec.live_mask,
+        sparsity=_sparsity(impl, spec.live_mask, q, k, v, captured, backward=True), **common)
+    if spec.has_soft_mask:
+        fq, fk, fv, fcap = impl.core_backward(
+            q, k, v, out, lse_fallback, grad_out, captured, needs, score=spec.full_score, mask=spec.mask,
+            sparsity=_sparsity(impl, spec.mask, q, k, v, captured, backward=True), **common)
+        dq, dk, dv = dq + fq, dk + fk, dv + fv
+        dcap = [a if b is None else a + b for a, b in zip(dcap, fcap)]
+    if spec.fully_masked_rows == "eager":
+        dq, dk, dv, dcap = _nan_like_eager(spec, q, k, _no_hard_entry(lse, lse_fallback), dq, dk, dv, dcap,
+                                           captured, needs)
+    return dq, dk, dv, dcap
+
+
+def _nan_like_eager(spec, q, k, dead, dq, dk, dv, dcap, captured, needs):
+    """Poison the gradients a NaN row reaches in eager's autograd (module docstring)."""
+    batch, hq, q_len, _ = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    dq = torch.where(dead.unsqueeze(-1), math.nan, dq)
+    kv_heads_hit = dead.view(batch, hkv, spec.gqa_group * q_len).any(-1)[..., None, None]
+    dk = torch.where(kv_heads_hit, math.nan, dk)
+    dv = torch.where(kv_heads_hit, math.nan, dv)
+    loads = [ld for ld in E.loads(spec.full_score)
+             if needs[ld.buffer] and not E.is_const(E.diff(spec.full_score, ld), 0.0)]
+    if not loads or not bool(dead.any()):
+        return dq, dk, dv, dcap
+    dcap = list(dcap)
+    rows = dead.nonzero()                                    # [N, 3]: b, h, q_idx
+    chunk_rows, chunk_keys = 1024, 1024                      # bounded, like the tiles
+    for r0 in range(0, rows.shape[0], chunk_rows):
+        r = rows[r0:r0 + chunk_rows]
+        for k0 in range(0, kv_len, chunk_keys):
+            idx = {"b": r[:, 0:1], "h": r[:, 1:2], "q_idx": r[:, 2:3],
+                   "kv_idx": torch.arange(k0, min(k0 + chunk_keys, kv_len), device=q.device).view(1, -1)}
+            cache: dict = {}
+            for ld in loads:
+                if any(E.uses_score(ix) for ix in ld.indices):  # data-dependent gather: poison it all
+                    dcap[ld.buffer] = torch.full_like(dcap[ld.buffer], math.nan)
+                    continue
+                at = torch.broadcast_tensors(*(E.evaluate(ix, idx, captured, None, cache).long()
+                                               for ix in ld.indices)) if ld.indices else ()
+                g = dcap[ld.buffer]
+                if at:
+                    g = g.index_put(tuple(at), torch.tensor(math.nan, dtype=g.dtype, device=g.device))
+                else:
+                    g = torch.full_like(g, math.nan)
+                dcap[ld.buffer] = g
+    return dq, dk, dv, dcap
