@@ -8,13 +8,22 @@ never loaded.  ``Bm``/``Hm`` are 1 when the predicate does not depend on ``b``
 Soundness: a tile is FULL only if the predicate is True on every in-range entry
 of it (entries past ``q_len``/``kv_len`` are masked by the kernel's bounds checks
 regardless) and EMPTY only if it is False on every in-range entry.
+
+``classify_blocks`` proves that by interval evaluation of the predicate over
+each tile (``intervals.py``); ``get_block_sparsity`` is its cached front door;
+``describe_block_map`` draws the map for ``explain``.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from ..lowering import expr as E
+from . import intervals
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -88,3 +97,121 @@ def dense(*, block_m: int, block_n: int, q_len: int, kv_len: int, device="cpu", 
     nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
     bm = torch.full((1, 1, nq, nk), kind, dtype=torch.int8, device=device)
     return from_block_map(bm, block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def classify_blocks(pred, *, batch: int, heads: int, q_len: int, kv_len: int, captured, block_m: int,
+                    block_n: int, device) -> BlockSparsity:
+    """Classify every tile of a bool predicate by interval evaluation (see ``intervals.py``).
+
+    ``pred`` is a bool ``Expr`` or None (no mask: every tile FULL).  The map is
+    [Bm, Hm, NQ, NK] with ``Bm = batch`` only if the predicate mentions ``b``
+    (directly or inside a load index), likewise ``Hm``.  Sound by construction:
+    FULL and EMPTY are claimed only when proven for every in-range entry.
+    """
+    if pred is None:
+        return dense(block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len, device=device, kind=FULL)
+    symbols = E.free_symbols(pred)
+    bm = batch if "b" in symbols else 1
+    hm = heads if "h" in symbols else 1
+    nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
+    if nq == 0 or nk == 0:
+        empty = torch.zeros((bm, hm, nq, nk), dtype=torch.int8, device=device)
+        return from_block_map(empty, block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)
+    box = intervals.tile_box(batch=bm, heads=hm, q_len=q_len, kv_len=kv_len,
+                             block_m=block_m, block_n=block_n, device=device)
+    truth = intervals.bound_predicate(pred, box, captured, device=device)
+    must, may = truth.must.expand(bm, hm, nq, nk), truth.may.expand(bm, hm, nq, nk)
+    # must & ~may cannot happen for a sound analysis of a non-empty tile; PARTIAL is the safe reading
+    block_map = torch.full((bm, hm, nq, nk), PARTIAL, dtype=torch.int8, device=device)
+    block_map[must & may] = FULL
+    block_map[~may & ~must] = EMPTY
+    return from_block_map(block_map, block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)
+
+
+# ----------------------------------------------------------------------------- cache
+#
+# Note [block sparsity cache keys]
+#   Index-only predicates are keyed by value.  A predicate that loads captured
+#   tensors is keyed additionally by each referenced tensor's id, _version,
+#   shape, strides, storage offset, dtype and device, and the entry keeps a
+#   weakref that must still point at the very object passed in: an id (or a
+#   data_ptr) of a freed tensor is reused by the next allocation, and a stale
+#   hit would silently return a wrong map.  The version counter sees in-place
+#   ops on the tensor and its views; it does not see writes through `.data`,
+#   numpy views or raw storage, nor exist for inference tensors (not cached).
+#   Call `clear_block_sparsity_cache()` after such writes.
+
+_CACHE_SIZE = 64
+_cache: "OrderedDict[tuple, tuple[tuple, BlockSparsity]]" = OrderedDict()
+
+
+def _tensor_key(t: torch.Tensor) -> tuple | None:
+    if not isinstance(t, torch.Tensor) or t.is_inference():
+        return None
+    return (id(t), t._version, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, str(t.device))
+
+
+def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int, captured, block_m: int,
+                       block_n: int, device) -> BlockSparsity:
+    """Cached :func:`classify_blocks`; see Note [block sparsity cache keys]."""
+    buffers = sorted({load.buffer for load in E.loads(pred)}) if pred is not None else []
+    tensor_keys = tuple((i, _tensor_key(captured[i])) for i in buffers)
+    args = dict(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
+                block_m=block_m, block_n=block_n, device=device)
+    if any(k is None for _, k in tensor_keys):
+        return classify_blocks(pred, **args)
+    key = (pred, batch, heads, q_len, kv_len, block_m, block_n, str(torch.device(device)), tensor_keys)
+    hit = _cache.get(key)
+    if hit is not None:
+        refs, bs = hit
+        if all(ref() is captured[i] for i, ref in zip(buffers, refs)):
+            _cache.move_to_end(key)
+            return bs
+        del _cache[key]  # an id reused by a new object
+    bs = classify_blocks(pred, **args)
+    _cache[key] = (tuple(weakref.ref(captured[i]) for i in buffers), bs)
+    while len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return bs
+
+
+def clear_block_sparsity_cache() -> None:
+    _cache.clear()
+
+
+# ----------------------------------------------------------------------------- explain
+
+_GLYPHS = {FULL: "█", PARTIAL: "░", EMPTY: "·"}
+
+
+def describe_block_map(bs: BlockSparsity, max_side: int = 16) -> str:
+    """A text picture of the (first batch/head) block map plus the density, for ``explain``.
+
+    '█' FULL, '░' PARTIAL, '·' EMPTY.  Larger maps are downsampled: a cell is
+    FULL or EMPTY only if every tile under it is, otherwise '░'.
+    """
+    full_map = bs.block_map()
+    nq, nk = full_map.shape[-2:]
+    bm, hm = full_map.shape[:2]
+    tiles = full_map[0, 0].cpu()
+    rows, cols = min(nq, max_side), min(nk, max_side)
+    lines = []
+    for r in range(rows):
+        r0, r1 = r * nq // rows, (r + 1) * nq // rows
+        line = []
+        for c in range(cols):
+            cell = tiles[r0:r1, c * nk // cols:(c + 1) * nk // cols]
+            kind = FULL if bool((cell == FULL).all()) else EMPTY if bool((cell == EMPTY).all()) else PARTIAL
+            line.append(_GLYPHS[kind])
+        lines.append("".join(line))
+    counts = {kind: int((full_map == kind).sum()) for kind in (FULL, PARTIAL, EMPTY)}
+    total = max(full_map.numel(), 1)
+    scope = f"b=0, h=0 of {bm}×{hm}" if bm * hm > 1 else "all batches/heads"
+    summary = (f"density {bs.density:.1%}  ({nq}×{nk} tiles of {bs.block_m}×{bs.block_n}; "
+               f"full {counts[FULL] / total:.1%}, partial {counts[PARTIAL] / total:.1%}, "
+               f"empty {counts[EMPTY] / total:.1%}; picture: {scope}"
+               + (f", downsampled to {rows}×{cols}" if (rows, cols) != (nq, nk) else "") + ")")
+    return "\n".join(lines + [summary])
