@@ -1,0 +1,55 @@
+"""Replace a matched P·V node by a call to ``attn_inductor::attention``.
+
+Inputs are brought to the op's [B, H, L, D] layout with views only
+(transpose, unsqueeze); the probabilities' producers become dead and are
+removed, so no [Lq, Lk] tensor is left in the graph unless something else
+still uses it.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .match import AttentionMatch, Operand
+
+aten = torch.ops.aten
+
+
+def _operand_node(graph: fx.Graph, op: Operand, rank: int) -> fx.Node:
+    node = op.node
+    if isinstance(node, tuple):  # ("squeeze2", n): [B, Hkv, 1, L, D] -> [B, Hkv, L, D]
+        node = graph.call_function(aten.squeeze.dim, (node[1], 2))
+    if op.transposed:
+        node = graph.call_function(aten.transpose.int, (node, -2, -1))
+    if rank == 3:
+        node = graph.call_function(aten.unsqueeze.default, (node, 1))
+    elif rank == 2:
+        node = graph.call_function(aten.unsqueeze.default, (node, 0))
+        node = graph.call_function(aten.unsqueeze.default, (node, 0))
+    return node
+
+
+def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str) -> fx.Node:
+    """Insert the op before the P·V node and reroute its users.  Returns the new output node."""
+    graph = gm.graph
+    pv = match.output
+    with graph.inserting_before(pv):
+        q = _operand_node(graph, match.q, match.out_rank)
+        k = _operand_node(graph, match.k, match.out_rank)
+        v = _operand_node(graph, match.v, match.out_rank)
+        call = graph.call_function(
+            torch.ops.attn_inductor.attention.default,
+            (q, k, v, list(match.captured), match.spec.to_json(), config),
+        )
+        out = graph.call_function(operator.getitem, (call, 0))
+        if match.out_rank == 3:
+            out = graph.call_function(aten.squeeze.dim, (out, 1))
+        elif match.out_rank == 2:
+            out = graph.call_function(aten.squeeze.dim, (out, 0))
+            out = graph.call_function(aten.squeeze.dim, (out, 0))
+    pv.replace_all_uses_with(out)
+    graph.erase_node(pv)
+    return call

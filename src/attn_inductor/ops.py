@@ -1,0 +1,142 @@
+"""The only torch.library registration: ``attn_inductor::attention`` and its backward.
+
+Both ops carry the AttentionSpec as a JSON string, so a compiled graph needs no
+process-global state to run, and a runtime ``config`` string (implementation
+choice, determinism) that is not part of the semantics.  Fake kernels give
+shapes only; autograd is registered with ``torch.library.register_autograd``.
+No Triton import happens at import time: the implementation is chosen per
+call (``_implementation``).
+
+    attention(q, k, v, captured, spec, config) -> (out, lse, lse_fallback)
+    attention_backward(q, k, v, out, lse, lse_fallback, grad_out, captured,
+                       captured_needs_grad, spec, config) -> (dq, dk, dv, dcaptured)
+
+``lse_fallback`` is empty unless the spec has a soft mask (Note [fully masked
+rows]); ``dcaptured[i]`` is an empty tensor where no gradient was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _compat
+from .lowering.spec import AttentionSpec
+
+IMPLEMENTATIONS = ("auto", "triton", "cpu")
+
+
+def default_config(**overrides) -> str:
+    cfg = {"impl": "auto", "deterministic": False}
+    cfg.update(overrides)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _parse_config(config: str) -> dict:
+    return json.loads(config) if config else {}
+
+
+def implementation_name(device: torch.device | str, impl: str = "auto") -> str:
+    """Which implementation runs for tensors on ``device``: 'triton', 'triton-interpreter' or 'cpu'."""
+    device = torch.device(device)
+    if impl == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and (impl == "triton" or _compat.triton_interpret_enabled()):
+        if _compat.triton_available() and _compat.triton_interpret_enabled():
+            return "triton-interpreter"
+        if impl == "triton":
+            raise RuntimeError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import")
+    return "cpu"
+
+
+def _implementation(device: torch.device, config: dict):
+    name = implementation_name(device, config.get("impl", "auto"))
+    if name.startswith("triton"):
+        from .templates import launch
+
+        return launch
+    from . import cpu
+
+    return cpu
+
+
+def _runtime():
+    from . import runtime
+
+    return runtime
+
+
+@torch.library.custom_op("attn_inductor::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: str, config: str
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    s = AttentionSpec.from_json(spec)
+    cfg = _parse_config(config)
+    out, lse, lse_fb = _runtime().attention_forward(s, q, k, v, list(captured), _implementation(q.device, cfg))
+    # the fake kernel promises contiguous outputs; keep the promise whatever the implementation returned
+    return out.contiguous(), lse.contiguous(), lse_fb.contiguous()
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, captured, spec, config):
+    s = AttentionSpec.from_json(spec)
+    B, Hq, Lq, _ = q.shape
+    out = q.new_empty((B, Hq, Lq, v.shape[-1]), dtype=v.dtype)
+    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    lse_fb = q.new_empty((B, Hq, Lq) if s.has_soft_mask else (0,), dtype=torch.float32)
+    return out, lse, lse_fb
+
+
+@torch.library.custom_op("attn_inductor::attention_backward", mutates_args=())
+def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_fallback: Tensor,
+                       grad_out: Tensor, captured: Sequence[Tensor], captured_needs_grad: Sequence[bool],
+                       spec: str, config: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    s = AttentionSpec.from_json(spec)
+    cfg = _parse_config(config)
+    dq, dk, dv, dcap = _runtime().attention_backward(
+        s, q, k, v, out, lse, lse_fallback, grad_out, list(captured), list(captured_needs_grad),
+        _implementation(q.device, cfg), deterministic=bool(cfg.get("deterministic", False)))
+    dcap = [g.contiguous() if g is not None else c.new_empty((0,)) for g, c in zip(dcap, captured)]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dcap
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(q, k, v, out, lse, lse_fallback, grad_out, captured, captured_needs_grad, spec, config):
+    dcap = [c.new_empty(c.shape) if need else c.new_empty((0,)) for c, need in zip(captured, captured_needs_grad)]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dcap
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, captured, spec, config = inputs
+    out, lse, lse_fb = output
+    ctx.save_for_backward(q, k, v, out, lse, lse_fb, *captured)
+    ctx.num_captured = len(captured)
+    ctx.spec = spec
+    ctx.config = config
+    ctx.mark_non_differentiable(lse, lse_fb)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_lse_fb):
+    q, k, v, out, lse, lse_fb, *captured = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[3]) if isinstance(ctx.needs_input_grad[3], (list, tuple)) else \
+        [bool(ctx.needs_input_grad[3])] * len(captured)
+    needs = [bool(n) and c.is_floating_point() for n, c in zip(needs, captured)]
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dcap = attention_backward(q, k, v, out, lse, lse_fb, grad_out.contiguous(), captured, needs,
+                                          ctx.spec, ctx.config)
+    dcap = [g if need else None for g, need in zip(dcap, needs)]
+    return dq, dk, dv, dcap, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def call_attention(q, k, v, captured, spec: AttentionSpec, **config) -> Tensor:
+    """Eager convenience wrapper (tests, benchmarks): returns ``out`` only."""
+    out, _, _ = torch.ops.attn_inductor.attention(q, k, v, list(captured), spec.to_json(), default_config(**config))
+    return out

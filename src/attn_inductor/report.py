@@ -1,0 +1,134 @@
+"""SiteReport: what happened at one attention site, in words a user can act on.
+
+Built at compile time by the backend (one per softmax it found) and printed by
+``explain``.  Refusal reasons are the matcher's ``MatchFailure`` text verbatim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+
+from . import ops
+from .lowering.extract import node_shape
+from .lowering.match import AttentionMatch, MatchFailure
+
+
+@dataclass
+class SiteReport:
+    graph: int
+    site: int
+    node: str | None
+    rewritten: bool
+    reason: str | None = None
+    score: str | None = None
+    mask: str | None = None
+    scale: float | None = None
+    sparsity: float | None = None       # fraction of tiles visited (1.0 = dense); None: decided at run time
+    sparsity_note: str | None = None
+    block_map: str | None = None
+    q_shape: tuple | None = None
+    k_shape: tuple | None = None
+    v_shape: tuple | None = None
+    gqa_group: int | None = None
+    implementation: str | None = None
+    blocks: tuple | None = None
+    captured: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _captured_name(node: fx.Node) -> str:
+    return node.name
+
+
+def describe_failure(graph_id: int, site: int, softmax: fx.Node, failure: MatchFailure) -> SiteReport:
+    return SiteReport(graph=graph_id, site=site, node=failure.node or softmax.name, rewritten=False,
+                      reason=failure.reason)
+
+
+def describe_match(graph_id: int, site: int, m: AttentionMatch, real_inputs: dict, options) -> SiteReport:
+    names = [_captured_name(n) for n in m.captured]
+    desc = m.spec.describe(names)
+    q_val = m.softmax.meta.get("val")
+    device = q_val.device if isinstance(q_val, torch.Tensor) else torch.device("cpu")
+    try:
+        impl = ops.implementation_name(device, options.impl)
+    except RuntimeError as exc:
+        impl = f"error: {exc}"
+    rep = SiteReport(
+        graph=graph_id, site=site, node=m.softmax.name, rewritten=True, score=desc["score"], mask=desc["mask"],
+        scale=m.spec.scale, q_shape=_bhld(m.q_shape, m.out_rank), k_shape=_bhld(m.k_shape, m.out_rank),
+        v_shape=_bhld(m.v_shape, m.out_rank), gqa_group=m.spec.gqa_group, implementation=impl,
+        captured=[f"{n}{list(node_shape(c))}" for n, c in zip(names, m.captured)],
+    )
+    _fill_sparsity(rep, m, real_inputs, device, impl)
+    return rep
+
+
+def _bhld(shape, rank):
+    shape = tuple(shape)
+    if rank == 3:
+        return (shape[0], 1) + shape[1:]
+    if rank == 2:
+        return (1, 1) + shape
+    return shape
+
+
+def _fill_sparsity(rep: SiteReport, m: AttentionMatch, real_inputs: dict, device, impl: str) -> None:
+    pred = m.spec.live_mask
+    B, Hq, Lq, _ = rep.q_shape
+    Lk = rep.k_shape[2]
+    try:
+        if impl.startswith("triton"):
+            from .templates import launch as impl_mod
+        else:
+            from . import cpu as impl_mod
+        meta = lambda shape, dt: torch.empty(shape, dtype=dt, device="meta")  # noqa: E731
+        qv = m.softmax.meta.get("val")
+        dt = qv.dtype if isinstance(qv, torch.Tensor) else torch.float32
+        fake_q = meta(rep.q_shape, dt)
+        fake_k = meta(rep.k_shape, dt)
+        fake_v = meta(rep.v_shape, dt)
+        block_m, block_n = impl_mod.preferred_blocks(fake_q, fake_k, fake_v)
+        rep.blocks = (block_m, block_n)
+    except Exception as exc:  # noqa: BLE001 - the report must not fail the compile
+        rep.sparsity_note = f"block configuration unavailable: {type(exc).__name__}: {exc}"
+        return
+    if pred is None:
+        rep.sparsity = 1.0
+        rep.sparsity_note = "no mask: dense"
+        return
+    captured = []
+    for c in m.captured:
+        real = real_inputs.get(c)
+        if real is None:
+            captured.append(None)
+        else:
+            captured.append(real)
+    from .lowering import expr as E
+
+    needed = {ld.buffer for ld in E.loads(pred)}
+    if any(captured[i] is None for i in needed):
+        rep.sparsity_note = "mask reads a tensor computed inside the graph: sparsity decided at run time"
+        return
+    try:
+        from .masks.block_sparsity import get_block_sparsity
+
+        cpu_caps = [c.detach().cpu() if isinstance(c, torch.Tensor) else c for c in captured]
+        bs = get_block_sparsity(pred, batch=B, heads=Hq, q_len=Lq, kv_len=Lk, captured=cpu_caps,
+                                block_m=block_m, block_n=block_n, device="cpu")
+        rep.sparsity = bs.density
+        try:
+            from .masks.block_sparsity import describe_block_map
+
+            rep.block_map = describe_block_map(bs)
+        except Exception:  # noqa: BLE001
+            rep.block_map = None
+        if needed:
+            rep.sparsity_note = "from the example inputs; recomputed at run time"
+    except Exception as exc:  # noqa: BLE001
+        rep.sparsity_note = f"sparsity not computed: {type(exc).__name__}: {exc}"
