@@ -52,3 +52,25 @@ def placeholder_fakes(gm: torch.fx.GraphModule) -> list:
         if node.op == "placeholder":
             out.append(node.meta.get("example_value", node.meta.get("val")))
     return out
+
+
+def placeholder_source_names(gm: torch.fx.GraphModule) -> list[str | None]:
+    """Readable names (``self.attn.bias``, ``attention_mask``) of Dynamo's graph inputs."""
+    import re
+
+    names: list[str | None] = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        raw = getattr(source, "name", None)
+        if callable(raw):  # a method in older torch, a property in newer
+            raw = raw()
+        if not isinstance(raw, str):
+            names.append(None)
+            continue
+        s = re.sub(r"^[LG]\['([^']+)'\]", r"\1", raw)
+        s = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", s)
+        s = re.sub(r"\['([^']+)'\]", r".\1", s)
+        names.append(s)
+    return names

@@ -70,6 +70,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
         return None, reports
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
+    source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
     config = json.dumps(options.runtime_config(), sort_keys=True)
     for i, sm in enumerate(find_softmax_nodes(aten_gm)):
         if not options.rewrite:
@@ -83,7 +84,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
         if isinstance(m, MatchFailure):
             reports.append(describe_failure(graph_id, i, sm, m))
             continue
-        report = describe_match(graph_id, i, m, real_inputs, options)
+        report = describe_match(graph_id, i, m, real_inputs, options, source_names)
         rewrite_attention(aten_gm, m, config)
         reports.append(report)
     aten_gm.graph.eliminate_dead_code()

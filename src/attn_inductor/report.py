@@ -41,8 +41,8 @@ class SiteReport:
         return asdict(self)
 
 
-def _captured_name(node: fx.Node) -> str:
-    return node.name
+def _captured_name(node: fx.Node, source_names: dict) -> str:
+    return source_names.get(node) or node.name
 
 
 def describe_failure(graph_id: int, site: int, softmax: fx.Node, failure: MatchFailure) -> SiteReport:
@@ -50,8 +50,9 @@ def describe_failure(graph_id: int, site: int, softmax: fx.Node, failure: MatchF
                       reason=failure.reason)
 
 
-def describe_match(graph_id: int, site: int, m: AttentionMatch, real_inputs: dict, options) -> SiteReport:
-    names = [_captured_name(n) for n in m.captured]
+def describe_match(graph_id: int, site: int, m: AttentionMatch, real_inputs: dict, options,
+                   source_names: dict | None = None) -> SiteReport:
+    names = [_captured_name(n, source_names or {}) for n in m.captured]
     desc = m.spec.describe(names)
     q_val = m.softmax.meta.get("val")
     device = q_val.device if isinstance(q_val, torch.Tensor) else torch.device("cpu")

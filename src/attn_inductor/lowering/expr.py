@@ -210,9 +210,17 @@ def call(op: str, *args: Expr, dtype: str) -> Expr:
             return const(True, BOOL)
     if op == "not" and isinstance(args[0], Call) and args[0].op == "not":
         return args[0].args[0]
+    if op == "not" and isinstance(args[0], Call) and args[0].op in _NEGATED:
+        inner = args[0]
+        # with NaN, ~(x < y) is not x >= y; only eq/ne are exact complements for floats
+        if inner.op in ("eq", "ne") or not any(is_float(a.dtype) for a in inner.args):
+            return Call(_NEGATED[inner.op], inner.args, BOOL)
     if op == "where" and is_const(args[0]):
         return args[1] if args[0].value else args[2]
     return Call(op, args, dtype)
+
+
+_NEGATED = {"eq": "ne", "ne": "eq", "lt": "ge", "ge": "lt", "gt": "le", "le": "gt"}
 
 
 def and_(x: Expr | None, y: Expr | None) -> Expr | None:
