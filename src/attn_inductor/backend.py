@@ -108,7 +108,7 @@ def flexattn_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=N
     if not any(r.rewritten for r in reports):
         new_gm = None  # nothing of ours in it: hand Inductor Dynamo's own graph
     target = new_gm if new_gm is not None else gm
-    if _explain_only:
+    if _explain_only or not opts.inductor:
         return target.forward
     from torch._inductor.compile_fx import compile_fx
 

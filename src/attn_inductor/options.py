@@ -25,6 +25,9 @@ class BackendOptions:
     deterministic: bool = False
     #: rewrite attention sites; False compiles with stock Inductor only (A/B comparisons)
     rewrite: bool = True
+    #: compile the rest of the graph with Inductor; False runs the rewritten aten graph eagerly
+    #: (debugging, fast tests)
+    inductor: bool = True
     #: Inductor config patches passed through to ``compile_fx``
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
 
@@ -34,8 +37,9 @@ class BackendOptions:
                              f"got {self.fully_masked_rows!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
-        if not isinstance(self.deterministic, bool) or not isinstance(self.rewrite, bool):
-            raise ValueError("deterministic and rewrite must be bools")
+        for name in ("deterministic", "rewrite", "inductor"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "BackendOptions":

@@ -184,6 +184,14 @@ def call(op: str, *args: Expr, dtype: str) -> Expr:
         if x.dtype == dtype:
             return x
         # to(to(x, wider), narrower) chains are kept: they round.
+    if op in ("add", "sub") and is_int(dtype) and is_const(args[1]) and isinstance(args[0], Call) \
+            and args[0].op in ("add", "sub") and is_const(args[0].args[1]) and args[0].dtype == dtype:
+        # (x ± c1) ± c2 → x + (±c1 ± c2): keeps index arithmetic readable
+        inner = args[0]
+        c = (inner.args[1].value if inner.op == "add" else -inner.args[1].value)
+        c = c + (args[1].value if op == "add" else -args[1].value)
+        return call("add", inner.args[0], const(c, dtype), dtype=dtype) if c >= 0 else \
+            call("sub", inner.args[0], const(-c, dtype), dtype=dtype)
     if op in ("add", "sub") and is_const(args[1], 0) and args[0].dtype == dtype:
         return args[0]
     if op == "add" and is_const(args[0], 0) and args[1].dtype == dtype:
@@ -217,6 +225,25 @@ def call(op: str, *args: Expr, dtype: str) -> Expr:
             return Call(_NEGATED[inner.op], inner.args, BOOL)
     if op == "where" and is_const(args[0]):
         return args[1] if args[0].value else args[2]
+    if op == "where" and dtype == BOOL and is_const(args[1]) and is_const(args[2]):
+        if args[1].value and not args[2].value:
+            return args[0]
+        if not args[1].value and args[2].value:
+            return call("not", args[0], dtype=BOOL)
+    if op == "where" and args[1] == args[2]:
+        return args[1]
+    if op in COMPARISONS:
+        # cmp(where(c, K1, K2), K) and cmp(float(bool), K): push the comparison into the branches
+        for i in (0, 1):
+            x, k = args[i], args[1 - i]
+            if not is_const(k):
+                continue
+            if isinstance(x, Call) and x.op == "to" and x.args[0].dtype == BOOL:
+                x = Call("where", (x.args[0], const(1, x.dtype), const(0, x.dtype)), x.dtype)
+            if isinstance(x, Call) and x.op == "where" and is_const(x.args[1]) and is_const(x.args[2]):
+                lhs = lambda branch: (branch, k) if i == 0 else (k, branch)  # noqa: E731
+                return call("where", x.args[0], call(op, *lhs(x.args[1]), dtype=BOOL),
+                            call(op, *lhs(x.args[2]), dtype=BOOL), dtype=BOOL)
     return Call(op, args, dtype)
 
 
@@ -230,6 +257,44 @@ def and_(x: Expr | None, y: Expr | None) -> Expr | None:
     if y is None:
         return x
     return call("and", x, y, dtype=BOOL)
+
+
+def int_range(expr: Expr, ranges: Mapping[str, tuple[int, int]]) -> tuple[int, int] | None:
+    """Conservative [lo, hi] of an integer expression given index ranges; None when unknown."""
+    if isinstance(expr, Index):
+        return ranges.get(expr.name)
+    if isinstance(expr, Const):
+        return (int(expr.value), int(expr.value)) if not isinstance(expr.value, float) else None
+    if not isinstance(expr, Call) or not (is_int(expr.dtype) or expr.dtype == BOOL):
+        return None
+    if expr.op == "to":
+        return int_range(expr.args[0], ranges) if not is_float(expr.args[0].dtype) else None
+    rs = [int_range(a, ranges) for a in expr.args if not (expr.op == "where" and a is expr.args[0])]
+    if any(r is None for r in rs):
+        return None
+    if expr.op == "where":
+        return (min(rs[0][0], rs[1][0]), max(rs[0][1], rs[1][1]))
+    if expr.op == "add":
+        return (rs[0][0] + rs[1][0], rs[0][1] + rs[1][1])
+    if expr.op == "sub":
+        return (rs[0][0] - rs[1][1], rs[0][1] - rs[1][0])
+    if expr.op == "neg":
+        return (-rs[0][1], -rs[0][0])
+    if expr.op == "mul":
+        c = [a * b for a in rs[0] for b in rs[1]]
+        return (min(c), max(c))
+    if expr.op == "abs":
+        lo, hi = rs[0]
+        return (0 if lo <= 0 <= hi else min(abs(lo), abs(hi)), max(abs(lo), abs(hi)))
+    if expr.op in ("minimum", "maximum"):
+        f = min if expr.op == "minimum" else max
+        return (f(rs[0][0], rs[1][0]), f(rs[0][1], rs[1][1]))
+    if expr.op == "floordiv" and rs[1][0] == rs[1][1] and rs[1][0] > 0:
+        d = rs[1][0]
+        return (rs[0][0] // d, rs[0][1] // d)
+    if expr.op == "remainder" and rs[1][0] == rs[1][1] and rs[1][0] > 0:
+        return (0, rs[1][0] - 1)
+    return None
 
 
 # ----------------------------------------------------------------------------- evaluation

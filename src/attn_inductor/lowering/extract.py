@@ -127,6 +127,9 @@ class Extractor:
         self._memo: dict = {}
         self._order = {n: i for i, n in enumerate(graph_module.graph.nodes)}
         self.score_dependent = self._descendants(score_node)
+        shape = node_shape(score_node)
+        self.index_ranges = {ix.name: (0, n - 1) for ix, n in zip(self.score_index, shape)
+                             if isinstance(ix, E.Index)}
 
     # -- helpers -------------------------------------------------------------
     def _descendants(self, root: fx.Node) -> set[fx.Node]:
@@ -486,9 +489,12 @@ class Extractor:
                 raise ExtractionError("boolean mask indexing", node)
             size = in_shape[p]
             # negative indices wrap, as eager does
-            v = E.call("where", E.call("lt", v, E.const(0, v.dtype), dtype=E.BOOL),
-                       E.call("add", v, E.const(size, v.dtype), dtype=v.dtype), v, dtype=v.dtype) \
-                if not _nonnegative(v) else v
+            rng = E.int_range(v, self.index_ranges)
+            if rng is not None and rng[1] < 0:
+                v = E.call("add", v, E.const(size, v.dtype), dtype=v.dtype)
+            elif rng is None or rng[0] < 0:
+                v = E.call("where", E.call("lt", v, E.const(0, v.dtype), dtype=E.BOOL),
+                           E.call("add", v, E.const(size, v.dtype), dtype=v.dtype), v, dtype=v.dtype)
             src_idx.append(v)
         src_idx.extend(after)
         if len(src_idx) != len(in_shape) or len(index) != len(out_shape):
@@ -555,22 +561,6 @@ def reshape_index(in_shape: Sequence[int], out_shape: Sequence[int], index: Sequ
             result[pos] = v
             stride *= size
     return tuple(result)
-
-
-def _nonnegative(e: Expr) -> bool:
-    """Cheap syntactic check: arange-like expressions built from indices and non-negative constants."""
-    if isinstance(e, E.Index):
-        return True
-    if isinstance(e, E.Const):
-        return e.value >= 0
-    if isinstance(e, E.Call) and e.op in ("add", "mul", "floordiv", "remainder", "minimum", "maximum", "to",
-                                          "trunc_to", "abs"):
-        if e.op == "abs":
-            return True
-        return all(_nonnegative(a) for a in e.args)
-    if isinstance(e, E.Call) and e.op == "where":
-        return _nonnegative(e.args[1]) and _nonnegative(e.args[2])
-    return False
 
 
 def _promote(da, db, args) -> str:
