@@ -74,3 +74,40 @@ def placeholder_source_names(gm: torch.fx.GraphModule) -> list[str | None]:
         s = re.sub(r"\['([^']+)'\]", r".\1", s)
         names.append(s)
     return names
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+def triton_libdevice():
+    """The libdevice module for compiled kernels, or ``None`` under the interpreter.
+
+    Triton >= 3.0 exposes a backend-dispatching ``triton.language.extra.libdevice``
+    (2.x had ``triton.language.extra.cuda.libdevice``).  The interpreter (checked on
+    Triton 3.9) raises on ``extern_elementwise``, so ``templates/hook_lib.py`` uses
+    portable ``tl`` formulas for ``tanh``/``log1p``/... when this returns ``None``.
+    """
+    if triton_interpret_enabled():
+        return None
+    try:
+        from triton.language.extra import libdevice  # Triton >= 3.0
+    except ImportError:  # pragma: no cover - Triton 2.x
+        from triton.language.extra.cuda import libdevice
+    return libdevice
+
+
+def triton_dot_needs_fp32_operands() -> bool:
+    """Whether low-precision ``tl.dot`` operands must be widened to fp32 first.
+
+    Triton 3.9's interpreter stores bf16 as raw uint16 and multiplies the bit
+    patterns in ``tl.dot``, and rounds fp32 -> bf16 by truncation; the kernels then
+    round to the input dtype by hand and multiply exact values in fp32.  Compiled
+    kernels use native bf16/fp16 MMA.
+    """
+    return triton_interpret_enabled()
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """torch's fp32 matmul policy (``allow_tf32`` / ``set_float32_matmul_precision``),
+    which the Triton kernels honour through ``tl.dot(input_precision=...)``."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() in ("high", "medium")

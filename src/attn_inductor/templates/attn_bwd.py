@@ -1,0 +1,367 @@
+"""Backward flash attention with generated hooks and block sparsity.
+
+Notation (as in attn_fwd.py, plus)
+    dO          gradient of OUT                     [B, HQ, Q_LEN, HEAD_DIM_V]
+    LSE2        = LSE * log2(e), and +inf on rows whose LSE is -inf, so that
+                  P = 2^(x - LSE2) is exactly 0 there (Note [dead rows in the backward])
+    DELTA       = rowsum(dO * OUT)                  fp32 [B, HQ, Q_LEN]
+    P           = 2^(x - LSE2)                      recomputed, never stored
+    dP          = dO @ V^T
+    dS_mod      = P * (dP - DELTA)                  gradient w.r.t. the modified score
+    dS          = dS_mod * SCORE_GRAD(s, ...)       gradient w.r.t. s = scale * q·k
+    dQ = scale * dS @ K        dK = scale * dS^T @ Q        dV = P^T @ dO
+    BLOCK_M, BLOCK_N    the tiles of the kernel at hand (dK/dV and dQ choose their own)
+
+Kernels
+    _attn_bwd_preprocess   DELTA and LSE2, one program per (q tile, head, batch).
+    _attn_bwd_dkdv         one program per (kv tile, kv head, batch): loops over the
+                           GQA_GROUP query heads that share the kv head and, for each,
+                           over the q tiles of the transposed sparsity table (FULL ones
+                           without the mask, then PARTIAL ones).  dK and dV are owned
+                           by the program: no atomics.  Works on transposed tiles
+                           (kv along rows) as the Triton tutorial does.
+    _attn_bwd_dq           one program per (q tile, head, batch) over the forward
+                           table's kv tiles; dQ owned by the program.
+    Captured-tensor gradients (Note [captured gradients] in hook_lib): mode 1 in the
+    dQ kernel; deterministic mode runs pass 2 in the dK/dV kernel and pass 3 in the
+    dQ kernel, so it costs no extra launch.
+
+Note [dead rows in the backward]
+    A row with LSE = -inf (nothing passed the mask, or not selected) contributes
+    nothing: LSE2 = +inf gives P = 2^(x - inf) = 0 and then dS = 0.  Padded rows
+    and columns past Q_LEN / KV_LEN are set to x = -inf where they could reach a
+    stored result (q bounds in dK/dV, kv bounds in dQ), so a NaN a hook computes
+    from a masked-out load never leaks into the gradients; captured-gradient
+    contributions are additionally masked by ``live`` (mask & bounds).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import hook_lib as lib
+from .attn_fwd import LOG2E, load_2d, mask_scores, store_2d, tile_start
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    OUT, DO, LSE, DELTA, LSE2,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_lb, stride_lh, stride_lm,
+    HQ, Q_LEN,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    b64, h64 = off_b.to(tl.int64), off_h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ok = offs_m < Q_LEN
+    dv_ok = offs_dv < HEAD_DIM_V
+    o = load_2d(OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                q_ok, dv_ok, False, False).to(tl.float32)
+    do = load_2d(DO + b64 * stride_gb + h64 * stride_gh + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                 q_ok, dv_ok, False, False).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, mask=q_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # Note [dead rows in the backward]
+    row = (b64 * HQ + h64) * Q_LEN
+    tl.store(DELTA + row + offs_m, delta, mask=q_ok)
+    tl.store(LSE2 + row + offs_m, lse2, mask=q_ok)
+
+
+# ----------------------------------------------------------------------------- dK / dV
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+    stride_qm, stride_dom, Q_LEN, scale,
+    CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, Q_DTYPE: tl.constexpr, DO_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+):
+    """One q tile against the program's kv tile, in transposed orientation ([kv, q])."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_ok = offs_m < Q_LEN
+    d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
+    dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
+    start64 = start_m.to(tl.int64)
+    qT = lib.widen_for_dot(load_2d(qT_ptrs + start64 * stride_qm, d_ok, q_ok, EVEN_D, EVEN_M), FP32_OPERANDS)
+    if EVEN_M:
+        lse2 = tl.load(LSE2_ROW + offs_m)
+    else:
+        lse2 = tl.load(LSE2_ROW + offs_m, mask=q_ok, other=float("inf"))
+    qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    q_idx = offs_m[None, :]
+    kv_idx = offs_n[:, None]
+    sT = qkT * scale
+    if HAS_SCORE_MOD:
+        xT = SCORE_MOD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES) * LOG2E
+    else:
+        xT = qkT * (scale * LOG2E)
+    keep = q_ok[None, :]
+    if APPLY_MASK:
+        keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
+    xT = mask_scores(xT, keep, q_ok[None, :], APPLY_MASK, not EVEN_M)
+    pT = tl.exp2(xT - lse2[None, :])
+    do = lib.widen_for_dot(load_2d(do_ptrs + start64 * stride_dom, q_ok, dv_ok, EVEN_M, EVEN_DV), FP32_OPERANDS)
+    dv = tl.dot(lib.as_dot_operand(pT, DO_DTYPE, FP32_OPERANDS), do, dv, input_precision=INPUT_PRECISION)
+    if EVEN_M:
+        delta = tl.load(DELTA_ROW + offs_m)
+    else:
+        delta = tl.load(DELTA_ROW + offs_m, mask=q_ok, other=0.0)
+    dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    if GRAD_MODE != 0:
+        live = q_ok[None, :] & kv_ok[:, None]
+        if APPLY_MASK:
+            live = live & keep
+        CAPTURED_GRAD(dsT, sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], live, CAPTURED, STRIDES,
+                      GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 0, GRAD_MODE)
+    if HAS_SCORE_GRAD:
+        dsT = dsT * SCORE_GRAD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
+    dk = tl.dot(lib.as_dot_operand(dsT, Q_DTYPE, FP32_OPERANDS), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE2, DELTA,
+    Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
+    CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_nb, stride_nh, stride_nn,
+    stride_ib, stride_ih, stride_in,
+    HQ, Q_LEN, KV_LEN, scale,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
+    IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    off_hkv = tl.program_id(1)
+    off_b = tl.program_id(2)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
+    b64 = off_b.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_ok = offs_n < KV_LEN
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    K_BASE = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    V_BASE = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    k = load_2d(K_BASE + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, kv_ok, offs_d < HEAD_DIM,
+                EVEN_N, EVEN_D)
+    v = load_2d(V_BASE + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, kv_ok, offs_dv < HEAD_DIM_V,
+                EVEN_N, EVEN_DV)
+    k = lib.widen_for_dot(k, FP32_OPERANDS)
+    v = lib.widen_for_dot(v, FP32_OPERANDS)
+    Q_DTYPE: tl.constexpr = Q.dtype.element_ty
+    DO_DTYPE: tl.constexpr = DO.dtype.element_ty
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    sp_col = pid_n // SPARSE_KV_MULT
+
+    for g in range(0, GQA_GROUP):
+        off_h = off_hkv * GQA_GROUP + g
+        h64 = off_h.to(tl.int64)
+        qT_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_d[:, None] * stride_qd + offs_m0[None, :] * stride_qm
+        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        LSE2_ROW = LSE2 + (b64 * HQ + h64) * Q_LEN
+        DELTA_ROW = DELTA + (b64 * HQ + h64) * Q_LEN
+        if IS_SPARSE:
+            num_off = off_b * stride_nb + off_h * stride_nh + sp_col * stride_nn
+            idx_off = b64 * stride_ib + h64 * stride_ih + sp_col.to(tl.int64) * stride_in
+            n_full = tl.load(FULL_Q_NUM_BLKS + num_off) * SPARSE_Q_MULT
+            n_part = tl.load(Q_NUM_BLKS + num_off) * SPARSE_Q_MULT
+            FULL_IDX = FULL_Q_IDX + idx_off
+            PART_IDX = Q_IDX + idx_off
+        else:
+            n_all = tl.cdiv(Q_LEN, BLOCK_M)
+            n_full = 0 if HAS_MASK else n_all
+            n_part = n_all if HAS_MASK else 0
+            FULL_IDX = Q_IDX
+            PART_IDX = Q_IDX
+        for it in range(0, n_full):
+            start_m = tile_start(FULL_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+                stride_qm, stride_dom, Q_LEN, scale,
+                CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+                SCORE_MOD, MASK_MOD, SCORE_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
+                EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
+                INPUT_PRECISION, FP32_OPERANDS)
+        for it in range(0, n_part):
+            start_m = tile_start(PART_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+                stride_qm, stride_dom, Q_LEN, scale,
+                CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+                SCORE_MOD, MASK_MOD, SCORE_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
+                EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
+                INPUT_PRECISION, FP32_OPERANDS)
+
+    dk = dk * scale
+    DK_BASE = DK + b64 * stride_dkb + off_hkv.to(tl.int64) * stride_dkh
+    DV_BASE = DV + b64 * stride_dvb + off_hkv.to(tl.int64) * stride_dvh
+    store_2d(DK_BASE + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             lib.cast_for_store(dk, DK.dtype.element_ty, FP32_OPERANDS), kv_ok, offs_d < HEAD_DIM, EVEN_N, EVEN_D)
+    store_2d(DV_BASE + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             lib.cast_for_store(dv, DV.dtype.element_ty, FP32_OPERANDS), kv_ok, offs_dv < HEAD_DIM_V, EVEN_N,
+             EVEN_DV)
+
+
+# ----------------------------------------------------------------------------- dQ
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+    stride_kn, stride_vn, KV_LEN, scale,
+    CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, K_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+):
+    """One kv tile against the program's q tile ([q, kv] orientation)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = offs_n < KV_LEN
+    d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
+    dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
+    start64 = start_n.to(tl.int64)
+    kT = lib.widen_for_dot(load_2d(kT_ptrs + start64 * stride_kn, d_ok, kv_ok, EVEN_D, EVEN_N), FP32_OPERANDS)
+    qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    q_idx = offs_m[:, None]
+    kv_idx = offs_n[None, :]
+    s = qk * scale
+    if HAS_SCORE_MOD:
+        x = SCORE_MOD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES) * LOG2E
+    else:
+        x = qk * (scale * LOG2E)
+    keep = kv_ok[None, :]
+    if APPLY_MASK:
+        keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
+    x = mask_scores(x, keep, kv_ok[None, :], APPLY_MASK, not EVEN_N)
+    p = tl.exp2(x - lse2[:, None])
+    vT = lib.widen_for_dot(load_2d(vT_ptrs + start64 * stride_vn, dv_ok, kv_ok, EVEN_DV, EVEN_N), FP32_OPERANDS)
+    dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if GRAD_MODE != 0:
+        live = q_ok[:, None] & kv_ok[None, :]
+        if APPLY_MASK:
+            live = live & keep
+        CAPTURED_GRAD(ds, s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], live, CAPTURED, STRIDES,
+                      GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 1, GRAD_MODE)
+    if HAS_SCORE_GRAD:
+        ds = ds * SCORE_GRAD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
+    dq = tl.dot(lib.as_dot_operand(ds, K_DTYPE, FP32_OPERANDS), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE2, DELTA,
+    KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
+    CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im,
+    HQ, Q_LEN, KV_LEN, scale,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
+    IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hkv = off_h // GQA_GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
+    b64, h64 = off_b.to(tl.int64), off_h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = offs_m < Q_LEN
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q = load_2d(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                q_ok, offs_d < HEAD_DIM, EVEN_M, EVEN_D)
+    do = load_2d(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, q_ok, offs_dv < HEAD_DIM_V, EVEN_M, EVEN_DV)
+    q = lib.widen_for_dot(q, FP32_OPERANDS)
+    do = lib.widen_for_dot(do, FP32_OPERANDS)
+    row = (b64 * HQ + h64) * Q_LEN
+    if EVEN_M:
+        lse2 = tl.load(LSE2 + row + offs_m)
+        delta = tl.load(DELTA + row + offs_m)
+    else:
+        lse2 = tl.load(LSE2 + row + offs_m, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + row + offs_m, mask=q_ok, other=0.0)
+    K_BASE = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    V_BASE = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    kT_ptrs = K_BASE + offs_d[:, None] * stride_kd + offs_n0[None, :] * stride_kn
+    vT_ptrs = V_BASE + offs_dv[:, None] * stride_vd + offs_n0[None, :] * stride_vn
+    K_DTYPE: tl.constexpr = K.dtype.element_ty
+
+    if IS_SPARSE:
+        sp_row = pid_m // SPARSE_Q_MULT
+        num_off = off_b * stride_nb + off_h * stride_nh + sp_row * stride_nm
+        idx_off = b64 * stride_ib + h64 * stride_ih + sp_row.to(tl.int64) * stride_im
+        n_full = tl.load(FULL_KV_NUM_BLKS + num_off) * SPARSE_KV_MULT
+        n_part = tl.load(KV_NUM_BLKS + num_off) * SPARSE_KV_MULT
+        FULL_IDX = FULL_KV_IDX + idx_off
+        PART_IDX = KV_IDX + idx_off
+    else:
+        n_all = tl.cdiv(KV_LEN, BLOCK_N)
+        n_full = 0 if HAS_MASK else n_all
+        n_part = n_all if HAS_MASK else 0
+        FULL_IDX = KV_IDX
+        PART_IDX = KV_IDX
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for it in range(0, n_full):
+        start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+            stride_kn, stride_vn, KV_LEN, scale,
+            CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+            SCORE_MOD, MASK_MOD, SCORE_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
+            EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
+            INPUT_PRECISION, FP32_OPERANDS)
+    for it in range(0, n_part):
+        start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+            stride_kn, stride_vn, KV_LEN, scale,
+            CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+            SCORE_MOD, MASK_MOD, SCORE_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
+            EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
+            INPUT_PRECISION, FP32_OPERANDS)
+
+    dq = dq * scale
+    store_2d(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             lib.cast_for_store(dq, DQ.dtype.element_ty, FP32_OPERANDS), q_ok, offs_d < HEAD_DIM, EVEN_M, EVEN_D)

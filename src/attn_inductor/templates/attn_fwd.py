@@ -1,0 +1,248 @@
+"""Forward flash attention with generated score/mask hooks and block sparsity.
+
+Notation
+    B, HQ, HKV          batch, query heads, key/value heads; HQ = HKV * GQA_GROUP
+    Q_LEN, KV_LEN       sequence lengths (any: tiles past the end are masked)
+    HEAD_DIM(_V)        head dim of q/k (of v); BLOCK_D(V) = next power of two >= it
+    BLOCK_M, BLOCK_N    the program's q tile and kv tile
+    SPARSE_Q_MULT       the sparsity table's q block is SPARSE_Q_MULT * BLOCK_M rows
+    SPARSE_KV_MULT      its kv block is SPARSE_KV_MULT * BLOCK_N columns; a table entry
+                        is visited as SPARSE_KV_MULT consecutive kv tiles in one flat
+                        loop (one loop keeps the software pipeliner working)
+    s     = scale * q·k                fp32, what the hooks call `score`
+    x     = SCORE_MOD(s, ...) * log2(e)          with a score mod
+          = q·k * (scale * log2(e))              without one (one multiply)
+    m_i   running max of x over the row          l_i   running sum of 2^(x - m_i)
+    acc   running sum of 2^(x - m_i) * v         fp32 [BLOCK_M, BLOCK_DV]
+    OUT   = acc / l_i                  in v's dtype
+    LSE   = (m_i + log2(l_i)) * ln(2)  fp32, natural log
+
+Program: one (q tile, query head, batch).  It walks the FULL kv blocks of its q
+block (no mask code at all), then the PARTIAL ones (mask hook per entry); EMPTY
+blocks are never loaded.  Without a table (IS_SPARSE=False) every kv tile is
+visited, as FULL when there is no mask, as PARTIAL otherwise.  GQA/MQA: the kv
+head is the query head // GQA_GROUP; K and V are never repeated.
+
+Note [fully masked rows]
+    A row whose every entry so far is masked has m_i = -inf.  Subtracting it
+    would give (-inf) - (-inf) = NaN, so the exponent offset is 0 instead: the
+    masked entries give 2^(-inf) = 0, l_i stays 0 and the row finishes with
+    OUT = 0 (not 0/0) and LSE = -inf.  The runtime turns such rows into what the
+    spec asks (NaN for eager's -inf masks).  NaN in q, k or v still reaches
+    OUT: a NaN score makes 2^(x - m) NaN, and l_i with it.
+
+Note [row select]
+    With ROW_SELECT, unselected rows come out as OUT = 0, LSE = -inf; a q tile
+    with no selected row runs zero kv iterations (no host sync).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import hook_lib as lib
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+@triton.jit
+def load_2d(ptrs, row_ok, col_ok, ROWS_EVEN: tl.constexpr, COLS_EVEN: tl.constexpr):
+    """Load a tile, masking only the dimensions that can run past the tensor."""
+    if ROWS_EVEN:
+        if COLS_EVEN:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        if COLS_EVEN:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def store_2d(ptrs, value, row_ok, col_ok, ROWS_EVEN: tl.constexpr, COLS_EVEN: tl.constexpr):
+    if ROWS_EVEN:
+        if COLS_EVEN:
+            tl.store(ptrs, value)
+        else:
+            tl.store(ptrs, value, mask=col_ok[None, :])
+    else:
+        if COLS_EVEN:
+            tl.store(ptrs, value, mask=row_ok[:, None])
+        else:
+            tl.store(ptrs, value, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def tile_start(IDX, it, SPARSE_MULT: tl.constexpr, BLOCK: tl.constexpr, IS_SPARSE: tl.constexpr):
+    """First index of the it-th tile of a walk over a sparsity table row (or over everything)."""
+    if IS_SPARSE:
+        blk = tl.load(IDX + it // SPARSE_MULT)
+        return blk * (SPARSE_MULT * BLOCK) + (it % SPARSE_MULT) * BLOCK
+    else:
+        return it * BLOCK
+
+
+@triton.jit
+def mask_scores(x, keep, bounds, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr):
+    """-inf where the mask hook (PARTIAL tiles) or the sequence bounds say so."""
+    if APPLY_MASK:
+        if CHECK_BOUNDS:
+            keep = keep & bounds
+        x = tl.where(keep, x, float("-inf"))
+    elif CHECK_BOUNDS:
+        x = tl.where(bounds, x, float("-inf"))
+    return x
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+    stride_kn, stride_vn, KV_LEN, scale,
+    CAPTURED, STRIDES,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, P_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+):
+    """One kv tile: scores, hooks, online softmax update, P @ V."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = offs_n < KV_LEN
+    d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
+    dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
+    start64 = start_n.to(tl.int64)
+    k = load_2d(k_ptrs + start64 * stride_kn, d_ok, kv_ok, EVEN_D, EVEN_N)  # [BLOCK_D, BLOCK_N]
+    qk = tl.dot(q, lib.widen_for_dot(k, FP32_OPERANDS), input_precision=INPUT_PRECISION)
+    q_idx = offs_m[:, None]
+    kv_idx = offs_n[None, :]
+    if HAS_SCORE_MOD:
+        s = SCORE_MOD(qk * scale, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
+        x = s * LOG2E
+    else:
+        x = qk * (scale * LOG2E)
+    keep = kv_ok[None, :]
+    if APPLY_MASK:
+        keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
+    x = mask_scores(x, keep, kv_ok[None, :], APPLY_MASK, not EVEN_N)
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # Note [fully masked rows]
+    p = tl.exp2(x - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = load_2d(v_ptrs + start64 * stride_vn, kv_ok, dv_ok, EVEN_N, EVEN_DV)  # [BLOCK_N, BLOCK_DV]
+    acc = acc * alpha[:, None]
+    acc = tl.dot(lib.as_dot_operand(p, P_DTYPE, FP32_OPERANDS), lib.widen_for_dot(v, FP32_OPERANDS), acc,
+                 input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, OUT, LSE, ROW_SELECT,
+    KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
+    CAPTURED, STRIDES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_rb, stride_rh, stride_rm,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im,
+    Q_LEN, KV_LEN, scale,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK: tl.constexpr, IS_SPARSE: tl.constexpr, HAS_ROW_SELECT: tl.constexpr,
+    GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hkv = off_h // GQA_GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
+
+    b64 = off_b.to(tl.int64)
+    Q_BASE = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+    K_BASE = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    V_BASE = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = offs_m < Q_LEN
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q = load_2d(Q_BASE + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, q_ok, offs_d < HEAD_DIM,
+                EVEN_M, EVEN_D)
+    q = lib.widen_for_dot(q, FP32_OPERANDS)
+    k_ptrs = K_BASE + offs_d[:, None] * stride_kd + offs_n0[None, :] * stride_kn
+    v_ptrs = V_BASE + offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+
+    # which kv tiles to visit: FULL ones without the mask, PARTIAL ones with it
+    if IS_SPARSE:
+        sp_row = pid_m // SPARSE_Q_MULT
+        num_off = off_b * stride_nb + off_h * stride_nh + sp_row * stride_nm
+        idx_off = off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + sp_row.to(tl.int64) * stride_im
+        n_full = tl.load(FULL_KV_NUM_BLKS + num_off) * SPARSE_KV_MULT
+        n_part = tl.load(KV_NUM_BLKS + num_off) * SPARSE_KV_MULT
+        FULL_IDX = FULL_KV_IDX + idx_off
+        PART_IDX = KV_IDX + idx_off
+    else:
+        n_all = tl.cdiv(KV_LEN, BLOCK_N)
+        n_full = 0 if HAS_MASK else n_all
+        n_part = n_all if HAS_MASK else 0
+        FULL_IDX = KV_IDX
+        PART_IDX = KV_IDX
+    if HAS_ROW_SELECT:  # Note [row select]
+        R_BASE = ROW_SELECT + b64 * stride_rb + off_h.to(tl.int64) * stride_rh
+        selected = tl.load(R_BASE + offs_m * stride_rm, mask=q_ok, other=0) != 0
+        any_selected = tl.max(selected.to(tl.int32), 0) > 0
+        n_full = tl.where(any_selected, n_full, 0)
+        n_part = tl.where(any_selected, n_part, 0)
+
+    P_DTYPE: tl.constexpr = V.dtype.element_ty
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for it in range(0, n_full):
+        start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+            stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES,
+            SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, False, EVEN_N, EVEN_D, EVEN_DV,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, P_DTYPE, INPUT_PRECISION, FP32_OPERANDS)
+    for it in range(0, n_part):
+        start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+            stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES,
+            SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, HAS_MASK, EVEN_N, EVEN_D, EVEN_DV,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, P_DTYPE, INPUT_PRECISION, FP32_OPERANDS)
+
+    # Note [fully masked rows]
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_i)) * LN2)
+    if HAS_ROW_SELECT:
+        out = tl.where(selected[:, None], out, 0.0)
+        lse = tl.where(selected, lse, float("-inf"))
+    O_BASE = OUT + b64 * stride_ob + off_h.to(tl.int64) * stride_oh
+    store_2d(O_BASE + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             lib.cast_for_store(out, OUT.dtype.element_ty, FP32_OPERANDS), q_ok, offs_dv < HEAD_DIM_V,
+             EVEN_M, EVEN_DV)
+    L_BASE = LSE + b64 * stride_lb + off_h.to(tl.int64) * stride_lh
+    if EVEN_M:
+        tl.store(L_BASE + offs_m * stride_lm, lse)
+    else:
+        tl.store(L_BASE + offs_m * stride_lm, lse, mask=q_ok)

@@ -1,0 +1,160 @@
+"""Tile sizes, warps and pipeline stages for the Triton kernels.
+
+One table per device generation, keyed by the padded head dim and the element
+size; Hopper first.  Starting points follow FlexAttention's Hopper defaults
+(forward BLOCK_M=128, BLOCK_N=64 at D=128 with 8 warps and 3 stages; backward
+64x128 tiles) and must be confirmed by a sweep on the GPU: set
+``ATTN_INDUCTOR_FWD_CONFIG="block_m,block_n,num_warps,num_stages"`` or
+``ATTN_INDUCTOR_BWD_CONFIG="block_m1,block_n1,block_m2,block_n2,num_warps,num_stages"``
+to override every pick without editing this file (``benchmarks/`` can loop
+over them).
+
+Sparsity tables use ``SPARSE_BLOCK`` (128 x 128, FlexAttention's default) on the
+GPU; kernel tiles must divide it (``fit_tile``), so one table serves the
+forward and both backward kernels.  Under the interpreter everything is 16
+(small tiles keep CPU tests fast and still exercise several tiles per table block
+when a test builds its tables with 32).
+
+Invariants: every block is a power of two >= 16 (``tl.dot``'s minimum);
+``block_m1``/``block_n1`` are the dK/dV kernel's q and kv tiles,
+``block_m2``/``block_n2`` the dQ kernel's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .. import _compat
+
+SPARSE_BLOCK = (128, 128)
+INTERPRETER_BLOCK = 16
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    block_m1: int  # dK/dV kernel: q tile
+    block_n1: int  # dK/dV kernel: kv tile (owned by the program)
+    block_m2: int  # dQ kernel: q tile (owned by the program)
+    block_n2: int  # dQ kernel: kv tile
+    num_warps: int
+    num_stages: int
+
+
+def head_block(d: int) -> int:
+    """Padded head dim: next power of two, at least 16."""
+    return max(16, 1 << (int(d) - 1).bit_length())
+
+
+# (capability major, padded head dim, element bytes) -> config; the first key not
+# larger than the request wins (see _lookup).
+_FWD = {
+    9: {  # Hopper
+        (64, 2): FwdConfig(128, 128, 4, 3),
+        (128, 2): FwdConfig(128, 64, 8, 3),
+        (256, 2): FwdConfig(64, 32, 4, 3),
+        (64, 4): FwdConfig(128, 32, 4, 3),
+        (128, 4): FwdConfig(64, 32, 4, 3),
+        (256, 4): FwdConfig(32, 32, 4, 2),
+    },
+    8: {  # Ampere / Ada
+        (64, 2): FwdConfig(128, 64, 4, 3),
+        (128, 2): FwdConfig(128, 64, 8, 2),
+        (256, 2): FwdConfig(64, 32, 4, 2),
+        (64, 4): FwdConfig(64, 32, 4, 2),
+        (128, 4): FwdConfig(64, 32, 4, 2),
+        (256, 4): FwdConfig(32, 32, 4, 1),
+    },
+}
+_BWD = {
+    9: {
+        (64, 2): BwdConfig(64, 128, 128, 64, 8, 3),
+        (128, 2): BwdConfig(64, 128, 128, 64, 8, 3),
+        (256, 2): BwdConfig(32, 64, 64, 32, 8, 2),
+        (64, 4): BwdConfig(32, 64, 64, 32, 4, 2),
+        (128, 4): BwdConfig(32, 64, 64, 32, 4, 2),
+        (256, 4): BwdConfig(16, 32, 32, 16, 4, 1),
+    },
+    8: {
+        (64, 2): BwdConfig(64, 64, 64, 64, 4, 2),
+        (128, 2): BwdConfig(32, 64, 64, 32, 4, 2),
+        (256, 2): BwdConfig(16, 32, 32, 16, 4, 1),
+        (64, 4): BwdConfig(32, 64, 64, 32, 4, 1),
+        (128, 4): BwdConfig(32, 32, 32, 32, 4, 1),
+        (256, 4): BwdConfig(16, 32, 32, 16, 4, 1),
+    },
+}
+
+
+def _capability(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 9
+    major, _ = torch.cuda.get_device_capability(device)
+    return 9 if major >= 9 else 8
+
+
+def _lookup(table: dict, head_dim: int, dtype: torch.dtype):
+    d = head_block(head_dim)
+    size = 4 if dtype == torch.float32 else 2
+    keys = sorted(k for k in table if k[1] == size)
+    for key in keys:
+        if d <= key[0]:
+            return table[key]
+    return table[keys[-1]]
+
+
+def _env_ints(name: str, n: int):
+    text = os.environ.get(name)
+    if not text:
+        return None
+    vals = tuple(int(x) for x in text.replace(" ", "").split(","))
+    if len(vals) != n:
+        raise ValueError(f"{name} needs {n} comma-separated integers, got {text!r}")
+    return vals
+
+
+def sparse_blocks(device: torch.device) -> tuple[int, int]:
+    """(block_m, block_n) of the sparsity tables the kernels want."""
+    if _compat.triton_interpret_enabled() and device.type == "cpu":
+        return (INTERPRETER_BLOCK, INTERPRETER_BLOCK)
+    return SPARSE_BLOCK
+
+
+def fit_tile(tile: int, sparse: int) -> int:
+    """Largest power of two <= ``tile`` dividing the table's block ``sparse``."""
+    t = min(tile, sparse)
+    while sparse % t:
+        t //= 2
+    if t < 16:
+        raise ValueError(f"sparsity block {sparse} needs a multiple of 16 (power-of-two tiles >= 16)")
+    return t
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdConfig:
+    env = _env_ints("ATTN_INDUCTOR_FWD_CONFIG", 4)
+    if env is not None:
+        return FwdConfig(*env)
+    if _compat.triton_interpret_enabled() and device.type == "cpu":
+        return FwdConfig(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 1, 1)
+    return _lookup(_FWD[_capability(device)], head_dim, dtype)
+
+
+def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
+    env = _env_ints("ATTN_INDUCTOR_BWD_CONFIG", 6)
+    if env is not None:
+        return BwdConfig(*env)
+    if _compat.triton_interpret_enabled() and device.type == "cpu":
+        b = INTERPRETER_BLOCK
+        return BwdConfig(b, b, b, b, 1, 1)
+    return _lookup(_BWD[_capability(device)], head_dim, dtype)

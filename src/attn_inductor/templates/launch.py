@@ -1,0 +1,308 @@
+"""Host side of the Triton kernels: the attention core interface.
+
+Same three functions as ``cpu.py`` (``runtime.py`` composes either into the full
+spec semantics): ``preferred_blocks``, ``core_forward``, ``core_backward``.
+
+What happens per call: the score/mask hooks are rendered and loaded once per
+(expression, captured layout, index-width bucket) by ``hooks.render_hooks``;
+tiles come from ``configs`` and are shrunk to divide the sparsity table's
+blocks; captured tensors travel as a tuple of pointers plus a flat tuple of
+strides (bool tensors as uint8); everything else is plain strided pointers, so
+no input is copied, repeated (GQA) or made contiguous.
+
+Invariants
+- q, k, v share one dtype among fp16 / bf16 / fp32; head dims up to
+  ``configs.MAX_HEAD_DIM`` (padded to a power of two inside the kernels).
+- fp32 inputs honour torch's TF32 setting (``_compat.fp32_matmul_allows_tf32``).
+- Outputs are fresh contiguous tensors; out in v's dtype, lse fp32.
+- ``deterministic=True`` makes captured-tensor gradients bitwise repeatable
+  (Note [captured gradients] in hook_lib); dq, dk, dv are always deterministic
+  (each is owned by one program and accumulated in a fixed order).
+
+What it does not do: dropout, fp64 inputs, head dims above 256.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import _compat
+from ..lowering.expr import Expr
+from ..masks.block_sparsity import BlockSparsity
+from . import configs
+from .hooks import IndexBounds, captured_meta_of, render_hooks
+
+__all__ = ["preferred_blocks", "core_forward", "core_backward"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PREPROCESS_BLOCK = 64
+
+
+def preferred_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> tuple[int, int]:
+    """(block_m, block_n) of the sparsity tables; the same for forward and backward."""
+    return configs.sparse_blocks(q.device)
+
+
+# ----------------------------------------------------------------------------- checks and arguments
+
+
+def _check(q, k, v, gqa_group: int) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise TypeError(f"the Triton kernels take q, k, v of one dtype among fp16/bf16/fp32; got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != d:
+        raise ValueError(f"q and k head dims differ: {d} vs {k.shape[3]}")
+    if hq != k.shape[1] * gqa_group:
+        raise ValueError(f"q has {hq} heads, k has {k.shape[1]}, gqa_group={gqa_group}")
+    for name, dim in (("q/k", d), ("v", v.shape[3])):
+        if dim > configs.MAX_HEAD_DIM:
+            raise ValueError(f"{name} head dim {dim} is larger than {configs.MAX_HEAD_DIM}, the largest the Triton "
+                             "attention kernels support")
+        if dim < 1:
+            raise ValueError(f"{name} head dim must be positive")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    if q.device.type == "cpu" and not _compat.triton_interpret_enabled():
+        raise RuntimeError("the Triton kernels take CPU tensors only under TRITON_INTERPRET=1 (set before import)")
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not _compat.fp32_matmul_allows_tf32():
+        return "ieee"
+    return "tf32"  # Triton's default; ignored for fp16/bf16 operands
+
+
+def _captured_args(captured: Sequence[torch.Tensor]):
+    ptrs = tuple(t.view(torch.uint8) if t.dtype == torch.bool else t for t in captured)
+    strides = tuple(int(s) for t in captured for s in t.stride())
+    return ptrs, strides
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _tiles(sparsity: BlockSparsity | None, tile_m: int, tile_n: int, q_len: int, kv_len: int):
+    """Kernel tiles fitting the table, and the table's multiples of them."""
+    tile_m = min(tile_m, max(16, _pow2_at_least(q_len)))
+    tile_n = min(tile_n, max(16, _pow2_at_least(kv_len)))
+    if sparsity is None:
+        return tile_m, tile_n, 1, 1
+    bm = configs.fit_tile(tile_m, sparsity.block_m)
+    bn = configs.fit_tile(tile_n, sparsity.block_n)
+    return bm, bn, sparsity.block_m // bm, sparsity.block_n // bn
+
+
+def _check_sparsity(sp: BlockSparsity, q, k) -> None:
+    b, hq, q_len = q.shape[0], q.shape[1], q.shape[2]
+    if sp.q_len != q_len or sp.kv_len != k.shape[2]:
+        raise ValueError(f"sparsity built for lengths ({sp.q_len}, {sp.kv_len}), inputs have ({q_len}, {k.shape[2]})")
+    bm, hm = sp.kv_num_blocks.shape[:2]
+    if bm not in (1, b) or hm not in (1, hq):
+        raise ValueError(f"sparsity tables have batch/head dims ({bm}, {hm}); inputs ({b}, {hq})")
+    if sp.kv_indices.device != q.device:
+        raise ValueError(f"sparsity tables on {sp.kv_indices.device}, inputs on {q.device}")
+
+
+def _table_args(sp: BlockSparsity | None, dummy: torch.Tensor, forward: bool):
+    """(NUM, IDX, FULL_NUM, FULL_IDX, 3 strides of the counts, 3 strides of the indices)."""
+    if sp is None:
+        return (dummy, dummy, dummy, dummy), (0, 0, 0), (0, 0, 0)
+    if forward:
+        tabs = (sp.kv_num_blocks, sp.kv_indices, sp.full_kv_num_blocks, sp.full_kv_indices)
+    else:
+        tabs = (sp.q_num_blocks, sp.q_indices, sp.full_q_num_blocks, sp.full_q_indices)
+    num, idx, fnum, fidx = (t.to(torch.int32).contiguous() for t in tabs)
+    if num.shape != fnum.shape or idx.shape != fidx.shape:
+        raise ValueError("PARTIAL and FULL tables must have the same shapes")
+
+    def bstrides(t):  # broadcast dims (size 1) read with stride 0
+        return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
+
+    return (num, idx, fnum, fidx), bstrides(num), bstrides(idx)
+
+
+def _hooks(score: Expr, mask: Expr | None, captured, needs_grad, q, k, backward: bool):
+    metas = captured_meta_of(captured, needs_grad)
+    bounds = IndexBounds.bucketed(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return render_hooks(score, mask, metas, bounds=bounds, backward=backward)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None):
+    """Softmax over entries passing ``mask`` of ``score`` (see cpu.core_forward); -> (out, lse)."""
+    from .attn_fwd import _attn_fwd
+
+    _check(q, k, v, gqa_group)
+    batch, hq, q_len, d = q.shape
+    kv_len, dv = k.shape[2], v.shape[3]
+    out = torch.empty(batch, hq, q_len, dv, dtype=v.dtype, device=q.device)
+    lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if sparsity is not None:
+        _check_sparsity(sparsity, q, k)
+    hooks = _hooks(score, mask, captured, None, q, k, backward=False)
+    cfg = configs.forward_config(max(d, dv), q.dtype, q.device)
+    block_m, block_n, q_mult, kv_mult = _tiles(sparsity, cfg.block_m, cfg.block_n, q_len, kv_len)
+    tables, num_strides, idx_strides = _table_args(sparsity, lse, forward=True)
+    cap_ptrs, cap_strides = _captured_args(captured)
+    if row_select is not None:
+        if row_select.shape != (batch, hq, q_len):
+            raise ValueError(f"row_select must be [B, Hq, Lq] = {(batch, hq, q_len)}, got {tuple(row_select.shape)}")
+        rs = row_select.to(torch.bool).view(torch.uint8)
+        rs_strides = rs.stride()
+    else:
+        rs, rs_strides = lse, (0, 0, 0)
+    even_n = kv_len % (block_n * kv_mult) == 0
+    grid = (triton_cdiv(q_len, block_m), hq, batch)
+    _attn_fwd[grid](
+        q, k, v, out, lse, rs, *tables, cap_ptrs, cap_strides,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *rs_strides,
+        *num_strides, *idx_strides,
+        q_len, kv_len, float(scale),
+        SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod,
+        HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, IS_SPARSE=sparsity is not None,
+        HAS_ROW_SELECT=row_select is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
+        SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult, EVEN_M=q_len % block_m == 0, EVEN_N=even_n,
+        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _grad_buffers(captured, needs, hooks, deterministic: bool, dummy: torch.Tensor):
+    """Per captured tensor: (fp32 grad, int64 fixed-point, int32 max bits, int64 count) or dummies."""
+    bufs = []
+    for i, t in enumerate(captured):
+        if needs[i]:
+            g = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+            if deterministic:
+                bufs.append((g, torch.zeros(t.shape, dtype=torch.int64, device=t.device),
+                             torch.zeros(t.shape, dtype=torch.int32, device=t.device),
+                             torch.zeros(t.shape, dtype=torch.int64, device=t.device)))
+            else:
+                bufs.append((g, dummy, dummy, dummy))
+        else:
+            bufs.append((dummy, dummy, dummy, dummy))
+    return bufs
+
+
+def _decode_fixed_point(grad_f: torch.Tensor, fixed: torch.Tensor, max_bits: torch.Tensor,
+                        count: torch.Tensor) -> torch.Tensor:
+    """The host half of Note [captured gradients]: fixed-point sums back to floats.
+
+    Uses hook_lib.fixed_point_exponent's formula on the same integers.
+    """
+    from .hook_lib import FIXED_POINT_GUARD_BITS
+
+    e_max = ((max_bits >> 23) & 0xFF) - 126
+    e_cnt = ((count.to(torch.float32).view(torch.int32) >> 23) & 0xFF) - 126
+    k = 62 - FIXED_POINT_GUARD_BITS - e_max - e_cnt
+    val = torch.ldexp(fixed.to(torch.float64), (-k).to(torch.float64))
+    finite = max_bits < 0x7F800000
+    return torch.where(finite, val, grad_f.to(torch.float64))
+
+
+def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *, score, mask, scale, gqa_group,
+                  sparsity, deterministic=False):
+    """-> dq, dk, dv (input dtypes) and per captured tensor its gradient or None."""
+    from .attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+
+    _check(q, k, v, gqa_group)
+    batch, hq, q_len, d = q.shape
+    hkv, kv_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    device = q.device
+    grad_out = grad_out.to(v.dtype)
+    needs = [bool(n) for n in captured_needs_grad]
+    if len(needs) != len(captured):
+        raise ValueError(f"{len(captured)} captured tensors but {len(needs)} needs-grad flags")
+    # every element is written by exactly one program (zeros where no tile is visited)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=device)
+    dcap: list[torch.Tensor | None] = [torch.zeros_like(t, memory_format=torch.contiguous_format) if n else None
+                                       for t, n in zip(captured, needs)]
+    if batch * hq * q_len == 0 or kv_len == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dcap
+    if sparsity is not None:
+        _check_sparsity(sparsity, q, k)
+    float_needs = [n and t.is_floating_point() for t, n in zip(captured, needs)]
+    hooks = _hooks(score, mask, captured, float_needs, q, k, backward=True)
+    grad_needs = [n and hooks.grad_loads[i] > 0 for i, n in enumerate(float_needs)]
+    any_grad = any(grad_needs)
+
+    # preprocess: DELTA = rowsum(dO * O), LSE2 = LSE * log2(e) (+inf on dead rows)
+    delta = torch.empty(batch, hq, q_len, dtype=torch.float32, device=device)
+    lse2 = torch.empty_like(delta)
+    pre_block = min(_PREPROCESS_BLOCK, max(16, _pow2_at_least(q_len)))
+    if _compat.triton_interpret_enabled() and device.type == "cpu":
+        pre_block = configs.INTERPRETER_BLOCK
+    _attn_bwd_preprocess[(triton_cdiv(q_len, pre_block), hq, batch)](
+        out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len,
+        HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim))
+
+    cfg = configs.backward_config(max(d, dv_dim), q.dtype, device)
+    cap_ptrs, cap_strides = _captured_args(captured)
+    bufs = _grad_buffers(captured, grad_needs, hooks, deterministic, delta)
+    grads = tuple(b[0] for b in bufs)
+    fixed = tuple(b[1] for b in bufs)
+    max_bits = tuple(b[2] for b in bufs)
+    counts = tuple(b[3] for b in bufs)
+    grad_strides = tuple(int(s) for t in captured for s in torch.empty(t.shape, device="meta").stride())
+    mode_dkdv = 2 if (any_grad and deterministic) else 0
+    mode_dq = (3 if deterministic else 1) if any_grad else 0
+    common = dict(
+        SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, SCORE_GRAD=hooks.score_grad,
+        CAPTURED_GRAD=hooks.captured_grad, HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask,
+        HAS_SCORE_GRAD=hooks.has_score_grad, IS_SPARSE=sparsity is not None, GQA_GROUP=gqa_group,
+        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv_dim),
+        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    grad_args = (cap_ptrs, cap_strides, grads, fixed, max_bits, counts, grad_strides)
+
+    # dK / dV: programs own a kv tile of one kv head and visit every query head of its group
+    block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, cfg.block_m1, cfg.block_n1, q_len, kv_len)
+    tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=False)
+    _attn_bwd_dkdv[(triton_cdiv(kv_len, block_n1), hkv, batch)](
+        q, k, v, grad_out, dk, dv, lse2, delta, *tables, *grad_args,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *num_strides, *idx_strides, hq, q_len, kv_len, float(scale),
+        GRAD_MODE=mode_dkdv, BLOCK_M=block_m1, BLOCK_N=block_n1, SPARSE_Q_MULT=q_mult1, SPARSE_KV_MULT=kv_mult1,
+        EVEN_M=q_len % (block_m1 * q_mult1) == 0, EVEN_N=kv_len % block_n1 == 0, **common)
+
+    # dQ: programs own a q tile; captured gradients accumulate here
+    block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, cfg.block_m2, cfg.block_n2, q_len, kv_len)
+    tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=True)
+    _attn_bwd_dq[(triton_cdiv(q_len, block_m2), hq, batch)](
+        q, k, v, grad_out, dq, lse2, delta, *tables, *grad_args,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        *num_strides, *idx_strides, hq, q_len, kv_len, float(scale),
+        GRAD_MODE=mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2, SPARSE_KV_MULT=kv_mult2,
+        EVEN_M=q_len % block_m2 == 0, EVEN_N=kv_len % (block_n2 * kv_mult2) == 0, **common)
+
+    for i, t in enumerate(captured):
+        if not grad_needs[i]:
+            continue
+        g, fx, mb, cnt = bufs[i]
+        val = _decode_fixed_point(g, fx, mb, cnt) if deterministic else g
+        dcap[i] = val.to(t.dtype)
+    return dq, dk, dv, dcap
