@@ -195,7 +195,8 @@ class Extractor:
 
     def _express(self, node: fx.Node, index: tuple[Expr, ...]) -> Expr:
         if node is self.score_node:
-            if index != self.score_index:
+            size_one = [n == 1 for n in node_shape(node)]
+            if any(i != s and not one for i, s, one in zip(index, self.score_index, size_one)):
                 raise ExtractionError("the scores are re-laid-out between Q·Kᵀ and softmax", node)
             return self.score_value
         if node.op != "call_function":

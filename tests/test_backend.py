@@ -1,0 +1,181 @@
+"""The backend under real Inductor: entry point, options, compile_fx integration, recompiles, opcheck."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attn_inductor
+from attn_inductor.lowering import expr as E
+from attn_inductor.lowering.spec import AttentionSpec
+from attn_inductor.options import BackendOptions
+from attn_inductor.testing.numerics import assert_close_to_reference
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT-style block: the naive attention an unmodified model runs."""
+
+    def __init__(self, dim=32, heads=4, max_len=64):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y)
+
+
+def _fresh():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def test_compile_fx_forward_backward_and_no_recompile():
+    _fresh()
+    torch.manual_seed(0)
+    model = CausalSelfAttention()
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    compiled = torch.compile(model, backend="flexattn")
+    out = compiled(x)
+    assert torch._dynamo.utils.counters["attn_inductor"]["rewritten"] == 1
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    g_ours = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+
+    x.grad = None
+    model.zero_grad()
+    ref_model = _deepcopy64(model)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = ref_model(x64)
+    (ref * w.double()).sum().backward()
+    g_ref = [x64.grad] + [p.grad for p in ref_model.parameters()]
+    eager = model(x)
+    (eager * w).sum().backward()
+    g_eager = [x.grad] + [p.grad for p in model.parameters()]
+    assert_close_to_reference(out.detach(), ref.detach(), eager.detach(), name="out")
+    for i, (a, r, e) in enumerate(zip(g_ours, g_ref, g_eager)):
+        assert_close_to_reference(a, r, e, name=f"grad[{i}]")
+
+    # same shapes again: no new compile, no new rewrite
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled(torch.randn(2, 24, 32, requires_grad=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert torch._dynamo.utils.counters["attn_inductor"]["rewritten"] == 1
+
+
+def _deepcopy64(m):
+    import copy
+
+    return copy.deepcopy(m).double()
+
+
+def test_entry_point_without_import():
+    """backend="flexattn" resolves through the torch_dynamo_backends entry point in a fresh process."""
+    code = textwrap.dedent("""
+        import torch, sys
+        assert "attn_inductor" not in sys.modules
+        def f(q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) * 0.125, -1) @ v
+        q = torch.randn(1, 2, 8, 16)
+        out = torch.compile(f, backend="flexattn", options={"inductor": False})(q, q, q)
+        assert torch.allclose(out, f(q, q, q), atol=1e-5)
+        assert torch._dynamo.utils.counters["attn_inductor"]["rewritten"] == 1
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+def test_unknown_option_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown attn_inductor option\(s\) \['fully_masked'\]; valid options are"):
+        BackendOptions.from_dict({"fully_masked": "zeros"})
+    _fresh()
+    f = torch.compile(lambda q: torch.softmax(q @ q.mT, -1) @ q, backend="flexattn", options={"bogus": 1})
+    with pytest.raises(Exception, match="bogus"):
+        f(torch.randn(1, 1, 4, 4))
+
+
+def test_options_reach_the_op():
+    """fully_masked_rows="zeros" turns eager's NaN rows into zeros."""
+    _fresh()
+
+    def f(q, k, v, keep):
+        s = (q @ k.mT).masked_fill(~keep, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    q = torch.randn(1, 2, 6, 8)
+    keep = torch.ones(6, 6, dtype=torch.bool).tril()
+    keep[2] = False  # a fully masked row
+    eager = f(q, q, q, keep)
+    assert torch.isnan(eager[:, :, 2]).all()
+    ours = torch.compile(f, backend="flexattn", options={"inductor": False})(q, q, q, keep)
+    assert torch.isnan(ours[:, :, 2]).all() and not torch.isnan(ours[:, :, :2]).any()
+    _fresh()
+    zeros = torch.compile(f, backend="flexattn", options={"inductor": False, "fully_masked_rows": "zeros"})(
+        q, q, q, keep)
+    assert (zeros[:, :, 2] == 0).all()
+    torch.testing.assert_close(zeros[:, :, 3:], eager[:, :, 3:])
+
+
+def test_refusal_falls_back_to_stock_inductor():
+    _fresh()
+
+    def f(q, k, v):
+        p = torch.softmax(q @ k.mT, dim=-1)
+        return p @ v, p
+
+    q = torch.randn(1, 2, 8, 8)
+    out, p = torch.compile(f, backend="flexattn")(q, q, q)
+    ref, pref = f(q, q, q)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(p, pref)
+    assert torch._dynamo.utils.counters["attn_inductor"]["not_rewritten"] == 1
+
+
+def test_explain_report_table_and_json():
+    import json
+
+    _fresh()
+    model = CausalSelfAttention()
+    report = attn_inductor.explain(model, torch.randn(1, 16, 32))
+    text = str(report)
+    assert "1 rewritten" in text and "score: score" in text and "self.bias[0, 0, q_idx, kv_idx] != 0" in text
+    data = json.loads(report.to_json())
+    assert data["num_sites"] == 1 and data["sites"][0]["rewritten"] is True
+    assert data["sites"][0]["q_shape"] == [1, 4, 16, 8]
+
+
+def _spec_for_opcheck():
+    causal = E.call("ge", E.q_idx, E.kv_idx, dtype=E.BOOL)
+    bias = E.Load(0, (E.h, E.call("add", E.call("sub", E.q_idx, E.kv_idx, dtype=E.INT64), E.const(7, E.INT64),
+                                  dtype=E.INT64)), "float32")
+    score = E.call("add", E.score, bias, dtype="float32")
+    return AttentionSpec(score_live=score, mask=causal, scale=0.3, num_captured=1)
+
+
+def test_opcheck():
+    from attn_inductor.ops import default_config
+
+    spec = _spec_for_opcheck()
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    k = torch.randn(1, 2, 8, 16, requires_grad=True)
+    v = torch.randn(1, 2, 8, 16, requires_grad=True)
+    table = torch.randn(2, 15, requires_grad=True)
+    torch.library.opcheck(torch.ops.attn_inductor.attention.default,
+                          (q, k, v, [table], spec.to_json(), default_config()))
