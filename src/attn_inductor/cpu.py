@@ -168,6 +168,60 @@ def _grouped(t: torch.Tensor, hkv: int, group: int, start: int, stop: int) -> to
     return t[:, :, start:stop].reshape(b, hkv, group * (stop - start), x)
 
 
+@dataclass
+class _ScoreTile:
+    kv: slice
+    s4: torch.Tensor          # scale * q·k, [B, Hq, bm, bn], a view of the [B, Hkv, G*bm, bn] product
+    x: torch.Tensor           # modified score, -inf where the mask fails
+    idx: dict
+    cache: dict               # E.evaluate cache shared by every expression of this tile
+
+
+def _score_tiles(q_blk, kf, q_start, q_stop, tiles, *, score, mask, scale, captured, tile_indices):
+    """Yield the modified score of each visited tile of one q block (skipping tiles the mask empties)."""
+    batch, hkv, rows, _ = q_blk.shape
+    hq, bm = tile_indices.h.shape[1], q_stop - q_start
+    acc = q_blk.dtype
+    for tile in tiles:
+        idx = tile_indices(q_start, q_stop, tile.kv_start, tile.kv_stop)
+        cache: dict = {}
+        keep = _tile_keep(mask, tile, idx, captured, cache)
+        if keep is False:
+            continue
+        kv = slice(tile.kv_start, tile.kv_stop)
+        s = torch.matmul(q_blk, kf[:, :, kv].transpose(-1, -2)).mul_(scale)
+        s4 = s.view(batch, hq, bm, tile.kv_stop - tile.kv_start)
+        x = _evaluate(score, idx, captured, s4, cache, s4.shape, acc)
+        if keep is not None:
+            x = torch.where(keep, x, -math.inf)
+        yield _ScoreTile(kv, s4, x, idx, cache)
+
+
+class _OnlineSoftmax:
+    """Running row max / row sum over kv tiles; ``update`` returns exp(x - max) and the rescale factor."""
+
+    def __init__(self, shape, dtype, device):
+        self.row_max = torch.full(shape, -math.inf, dtype=dtype, device=device)
+        self.row_sum = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, x):
+        new_max = torch.maximum(self.row_max, x.amax(-1))
+        # rows with nothing live so far keep max -inf; shift them by 0 so exp gives 0, not NaN
+        shift = torch.where(new_max == -math.inf, 0.0, new_max)
+        p = torch.exp(x - shift.unsqueeze(-1))
+        correction = torch.exp(self.row_max - shift)
+        self.row_sum = self.row_sum * correction + p.sum(-1)
+        self.row_max = new_max
+        return p, correction
+
+    @property
+    def empty(self):
+        return self.row_sum == 0
+
+    def lse(self):
+        return torch.where(self.empty, -math.inf, self.row_max + torch.log(self.row_sum))
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -199,35 +253,17 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
             continue
         bm = q_stop - q_start
         q_blk = _grouped(qf, hkv, group, q_start, q_stop)           # [B, Hkv, G*bm, D]
-        row_max = torch.full((batch, hq, bm), -math.inf, dtype=acc, device=q.device)
-        row_sum = torch.zeros(batch, hq, bm, dtype=acc, device=q.device)
+        softmax = _OnlineSoftmax((batch, hq, bm), acc, q.device)
         acc_blk = torch.zeros(batch, hkv, group * bm, dv, dtype=acc, device=q.device)
-        for tile in tiles:
-            idx = tile_indices(q_start, q_stop, tile.kv_start, tile.kv_stop)
-            cache: dict = {}
-            keep = _tile_keep(mask, tile, idx, captured, cache)
-            if keep is False:
-                continue
-            bn = tile.kv_stop - tile.kv_start
-            k_blk = kf[:, :, tile.kv_start:tile.kv_stop]
-            s = torch.matmul(q_blk, k_blk.transpose(-1, -2)).mul_(scale)
-            s4 = s.view(batch, hq, bm, bn)
-            x = _evaluate(score, idx, captured, s4, cache, s4.shape, acc)
-            if keep is not None:
-                x = torch.where(keep, x, -math.inf)
-            new_max = torch.maximum(row_max, x.amax(-1))
-            # rows with nothing live so far keep max -inf; shift them by 0 so exp gives 0, not NaN
-            shift = torch.where(new_max == -math.inf, 0.0, new_max)
-            p = torch.exp(x - shift.unsqueeze(-1))
-            correction = torch.exp(row_max - shift)
-            row_sum = row_sum * correction + p.sum(-1)
+        for t in _score_tiles(q_blk, kf, q_start, q_stop, tiles, score=score, mask=mask, scale=scale,
+                              captured=captured, tile_indices=tile_indices):
+            p, correction = softmax.update(t.x)
             acc_blk.view(batch, hq, bm, dv).mul_(correction.unsqueeze(-1))
-            acc_blk.add_(torch.matmul(p.view(batch, hkv, group * bm, bn), vf[:, :, tile.kv_start:tile.kv_stop]))
-            row_max = new_max
+            acc_blk.add_(torch.matmul(p.view(batch, hkv, group * bm, -1), vf[:, :, t.kv]))
         acc4 = acc_blk.view(batch, hq, bm, dv)
-        empty = row_sum == 0
-        out[:, :, q_start:q_stop] = torch.where(empty.unsqueeze(-1), 0.0, acc4 / row_sum.unsqueeze(-1))
-        lse[:, :, q_start:q_stop] = torch.where(empty, -math.inf, row_max + torch.log(row_sum)).float()
+        out[:, :, q_start:q_stop] = torch.where(softmax.empty.unsqueeze(-1), 0.0,
+                                                acc4 / softmax.row_sum.unsqueeze(-1))
+        lse[:, :, q_start:q_stop] = softmax.lse().float()
     if row_select is not None:
         out = torch.where(row_select.unsqueeze(-1), out, 0.0)
         lse = torch.where(row_select, lse, -math.inf)
@@ -243,9 +279,9 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     """Rows whose lse is -inf contribute nothing. Returns dq, dk, dv (input dtypes) and a list with, for each
     captured tensor, its gradient (same shape/dtype) or None where captured_needs_grad[i] is False.
 
-    P is recomputed per tile from lse; dS = P * (dP - delta) with delta = rowsum(grad_out * out),
-    chained through d(score)/d(s) and, for captured tensors, d(score)/d(load) scattered (fp32
-    accumulation) at each Load's indices.
+    P is recomputed per tile; dS = P * (dP - delta), chained through d(score)/d(s) and, for captured
+    tensors, d(score)/d(load) scattered (accumulated in fp32/fp64) at each Load's indices.  See
+    Note [backward statistics] for where lse and delta come from.
     """
     batch, hq, lq, d = q.shape
     hkv, dv = v.shape[1], v.shape[-1]
@@ -272,46 +308,43 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     if not bool((~dead).any()):
         return _finish(q, k, v, captured, dq, dk, dvv, dcaptured, scale)
     # dead rows: P is 0 there (lse +inf), and a NaN grad_out/out must not leak through 0 * NaN
-    lse_safe = torch.where(dead, math.inf, lse).to(acc)
     go = torch.where(dead.unsqueeze(-1), 0.0, grad_out.to(acc))
-    delta = torch.where(dead, 0.0, (go * out.to(acc)).sum(-1))
+    recompute = _stored_statistics_too_coarse(out.dtype, acc)
+    if not recompute:
+        lse_all = torch.where(dead, math.inf, lse).to(acc)
+        delta_all = torch.where(dead, 0.0, (go * out.to(acc)).sum(-1))
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     tile_indices = _TileIndices(batch, hq, q.device)
+    visit = dict(score=score, mask=mask, scale=scale, captured=captured, tile_indices=tile_indices)
 
     for q_start, q_stop, tiles in _tile_plan(sparsity, mask, q, k, v, backward=True):
-        if bool(dead[:, :, q_start:q_stop].all()):
+        dead_blk = dead[:, :, q_start:q_stop]
+        if bool(dead_blk.all()):
             continue
         bm = q_stop - q_start
         q_blk = _grouped(qf, hkv, group, q_start, q_stop)            # [B, Hkv, G*bm, D]
         go_blk = _grouped(go, hkv, group, q_start, q_stop)           # [B, Hkv, G*bm, Dv]
-        lse_blk = lse_safe[:, :, q_start:q_stop].unsqueeze(-1)
-        delta_blk = delta[:, :, q_start:q_stop].unsqueeze(-1)
+        if recompute:
+            lse_blk, delta_blk = _recompute_statistics(q_blk, go_blk, kf, vf, q_start, q_stop, tiles, visit)
+            lse_blk = torch.where(dead_blk, math.inf, lse_blk)
+            delta_blk = torch.where(dead_blk, 0.0, delta_blk)
+        else:
+            lse_blk, delta_blk = lse_all[:, :, q_start:q_stop], delta_all[:, :, q_start:q_stop]
+        lse_blk, delta_blk = lse_blk.unsqueeze(-1), delta_blk.unsqueeze(-1)
         dq_blk = torch.zeros_like(q_blk)
-        for tile in tiles:
-            idx = tile_indices(q_start, q_stop, tile.kv_start, tile.kv_stop)
-            cache: dict = {}
-            keep = _tile_keep(mask, tile, idx, captured, cache)
-            if keep is False:
-                continue
-            kv = slice(tile.kv_start, tile.kv_stop)
-            bn = tile.kv_stop - tile.kv_start
-            s = torch.matmul(q_blk, kf[:, :, kv].transpose(-1, -2)).mul_(scale)
-            s4 = s.view(batch, hq, bm, bn)
-            x = _evaluate(score, idx, captured, s4, cache, s4.shape, acc)
-            if keep is not None:
-                x = torch.where(keep, x, -math.inf)
-            p = torch.exp(x - lse_blk)                                             # [B, Hq, bm, bn]
-            dp = torch.matmul(go_blk, vf[:, :, kv].transpose(-1, -2)).view(batch, hq, bm, bn)
+        for t in _score_tiles(q_blk, kf, q_start, q_stop, tiles, **visit):
+            p = torch.exp(t.x - lse_blk)                                           # [B, Hq, bm, bn]
+            dp = torch.matmul(go_blk, vf[:, :, t.kv].transpose(-1, -2)).view(p.shape)
             dx = p * (dp - delta_blk)                                              # d loss / d score
             ds = dx if E.is_const(dscore_ds, 1.0) else dx * _evaluate(
-                dscore_ds, idx, captured, s4, cache, s4.shape, acc)               # d loss / d s
-            ds3 = ds.reshape(batch, hkv, group * bm, bn)
-            dq_blk.add_(torch.matmul(ds3, kf[:, :, kv]))
-            dk[:, :, kv].add_(torch.matmul(ds3.transpose(-1, -2), q_blk))
-            dvv[:, :, kv].add_(torch.matmul(p.view(batch, hkv, group * bm, bn).transpose(-1, -2), go_blk))
+                dscore_ds, t.idx, captured, t.s4, t.cache, p.shape, acc)          # d loss / d s
+            ds3 = ds.reshape(batch, hkv, group * bm, -1)
+            dq_blk.add_(torch.matmul(ds3, kf[:, :, t.kv]))
+            dk[:, :, t.kv].add_(torch.matmul(ds3.transpose(-1, -2), q_blk))
+            dvv[:, :, t.kv].add_(torch.matmul(p.view(ds3.shape).transpose(-1, -2), go_blk))
             for i, load, dexpr in load_grads:
-                g = dx * _evaluate(dexpr, idx, captured, s4, cache, s4.shape, acc)
-                at = [torch.broadcast_to(E.evaluate(ix, idx, captured, s4, cache).long(), g.shape)
+                g = dx * _evaluate(dexpr, t.idx, captured, t.s4, t.cache, p.shape, acc)
+                at = [torch.broadcast_to(E.evaluate(ix, t.idx, captured, t.s4, t.cache).long(), g.shape)
                       for ix in load.indices]
                 if at:
                     dcaptured[i].index_put_(tuple(at), g, accumulate=True)
@@ -319,6 +352,37 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
                     dcaptured[i].add_(g.sum())
         dq[:, :, q_start:q_stop] = dq_blk.view(batch, hq, bm, d)
     return _finish(q, k, v, captured, dq, dk, dvv, dcaptured, scale)
+
+
+# Note [backward statistics]
+# The backward needs each row's lse (to rebuild P) and delta = rowsum(P * dP)
+# = rowsum(grad_out * out).  The stored ones are exact enough when they are as
+# fine as the accumulation: fp32 lse and an fp32 out under fp32 accumulation.
+# They are not (a) for half-precision out: delta from a rounded out is off by
+# ~|out|·2^-9, and a captured gradient weighted by a large, one-signed factor
+# (ALiBi's kv_idx - q_idx) multiplies that by the sequence length, since the
+# true rowsum of dS is 0; (b) under fp64 accumulation, where the fp32 lse of a
+# row with |lse| ~ 100 carries ~4e-6 relative error into P.  Then a first sweep
+# over the row block's tiles recomputes lse and delta = rowsum(P * dP) in the
+# accumulation dtype (two extra matmuls per tile); rows the caller marked dead
+# (lse = -inf) stay dead.
+
+
+def _stored_statistics_too_coarse(out_dtype: torch.dtype, acc: torch.dtype) -> bool:
+    return acc == torch.float64 or torch.finfo(out_dtype).bits < torch.finfo(acc).bits
+
+
+def _recompute_statistics(q_blk, go_blk, kf, vf, q_start, q_stop, tiles, visit):
+    """(lse, delta) of one q block in the accumulation dtype; Note [backward statistics]."""
+    batch, hq, bm = q_blk.shape[0], visit["tile_indices"].h.shape[1], q_stop - q_start
+    softmax = _OnlineSoftmax((batch, hq, bm), q_blk.dtype, q_blk.device)
+    weighted = torch.zeros(batch, hq, bm, dtype=q_blk.dtype, device=q_blk.device)  # sum exp(x - max) * dP
+    for t in _score_tiles(q_blk, kf, q_start, q_stop, tiles, **visit):
+        p, correction = softmax.update(t.x)
+        dp = torch.matmul(go_blk, vf[:, :, t.kv].transpose(-1, -2)).view(p.shape)
+        weighted = weighted * correction + (p * dp).sum(-1)
+    delta = torch.where(softmax.empty, 0.0, weighted / softmax.row_sum)
+    return softmax.lse(), delta
 
 
 def _finish(q, k, v, captured, dq, dk, dv, dcaptured, scale):

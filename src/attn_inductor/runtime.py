@@ -14,9 +14,10 @@ more, and this module builds it from core calls (Note [fully masked rows]):
 3. rows with no hard entry at all (both lse are -inf): NaN, as eager gives, or
    zeros with ``fully_masked_rows="zeros"``.
 
-The backward mirrors it: a live-pass backward with ``lse``, a fallback-pass
-backward with ``lse_fallback`` (each is -inf on the other's rows, which then
-contribute nothing), summed.  For rows of step 3 under the "eager" policy it
+The backward mirrors it: a live-pass backward with ``lse`` and a fallback-pass
+backward on the rows where ``lse_fallback`` is finite (recomputed around a
+per-row shift, see ``_fallback_backward``), summed; each pass's lse is -inf on
+the other's rows, which then contribute nothing.  For rows of step 3 under the "eager" policy it
 reproduces what autograd through the naive additive-mask graph gives: the
 row's dq is NaN, dk and dv of the whole (batch, kv head) the row attends are
 NaN (every key receives P·dO and dS·q from a NaN row), and each captured
@@ -123,15 +124,41 @@ def attention_backward(spec: AttentionSpec, q, k, v, out, lse, lse_fallback, gra
         q, k, v, out, lse, grad_out, captured, needs, score=spec.score_live, mask=spec.live_mask,
         sparsity=_sparsity(impl, spec.live_mask, q, k, v, captured, backward=True), **common)
     if spec.has_soft_mask:
-        fq, fk, fv, fcap = impl.core_backward(
-            q, k, v, out, lse_fallback, grad_out, captured, needs, score=spec.full_score, mask=spec.mask,
-            sparsity=_sparsity(impl, spec.mask, q, k, v, captured, backward=True), **common)
+        fq, fk, fv, fcap = _fallback_backward(spec, q, k, v, lse_fallback, grad_out, captured, needs, impl,
+                                              deterministic)
         dq, dk, dv = dq + fq, dk + fk, dv + fv
         dcap = [a if b is None else a + b for a, b in zip(dcap, fcap)]
     if spec.fully_masked_rows == "eager":
         dq, dk, dv, dcap = _nan_like_eager(spec, q, k, _no_hard_entry(lse, lse_fallback), dq, dk, dv, dcap,
                                            captured, needs)
     return dq, dk, dv, dcap
+
+
+def _fallback_backward(spec, q, k, v, lse_fallback, grad_out, captured, needs, impl, deterministic):
+    """Backward of the soft-mask fallback rows, recomputed around a per-row shift.
+
+    On those rows every score sits near the soft mask's huge negative (finfo.min
+    + s rounds to finfo.min), so the fp32 ``lse_fallback`` cannot hold
+    ``finfo.min + log(n)`` and ``exp(x - lse)`` would give P = 1, not 1/n.  The
+    rows are recomputed with ``score_full - shift`` where ``shift`` is the stored
+    ``lse_fallback`` (a captured per-row tensor): shift invariance keeps the
+    softmax, the subtraction of two nearby floats is exact, and the new lse is
+    small and exact.  ``row_select`` limits the extra forward to those rows.
+    """
+    rows = lse_fallback != -math.inf                          # NaN rows included: NaN must propagate
+    full = spec.full_score
+    shift = E.Load(spec.num_captured, (E.b, E.h, E.q_idx), full.dtype if E.is_float(full.dtype) else "float32")
+    shifted = E.call("sub", full, shift, dtype=shift.dtype)
+    shifted_captured = [*captured, torch.where(rows, lse_fallback, 0.0)]
+    common = dict(scale=spec.scale, gqa_group=spec.gqa_group)
+    out_shifted, lse_shifted = impl.core_forward(
+        q, k, v, shifted_captured, score=shifted, mask=spec.mask,
+        sparsity=_sparsity(impl, spec.mask, q, k, v, captured, backward=False), row_select=rows, **common)
+    dq, dk, dv, dcap = impl.core_backward(
+        q, k, v, out_shifted, lse_shifted, grad_out, shifted_captured, [*needs, False], score=shifted,
+        mask=spec.mask, sparsity=_sparsity(impl, spec.mask, q, k, v, captured, backward=True),
+        deterministic=deterministic, **common)
+    return dq, dk, dv, dcap[:-1]
 
 
 def _nan_like_eager(spec, q, k, dead, dq, dk, dv, dcap, captured, needs):
