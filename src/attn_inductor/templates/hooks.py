@@ -55,6 +55,7 @@ from typing import Sequence
 
 import torch
 
+from .. import _compat
 from ..lowering import expr as E
 from ..lowering.expr import Call, Const, Expr, Index, Load, Score
 
@@ -671,7 +672,7 @@ class Hooks:
 
 
 _lock = threading.Lock()
-_by_key: dict[str, Hooks] = {}
+_by_key: dict[tuple[str, bool], Hooks] = {}
 _by_request: dict[tuple, Hooks] = {}
 
 
@@ -699,10 +700,12 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load(source: str) -> tuple[str, str, object]:
+def _load(source: str, interpret: bool) -> tuple[str, str, object]:
     key = hashlib.sha256(source.encode()).hexdigest()[:20]
     name = f"attn_inductor_hooks_{key}"
     path = os.path.join(hook_cache_dir(), f"{name}.py")
+    # ``triton.jit`` picks interpreted or compiled functions at import: one module object per mode
+    mod_name = name + ("_interpreted" if interpret else "")
     if not os.path.exists(path) or open(path).read() != source:
         _write_atomic(path, source)
     dump = os.environ.get("ATTN_INDUCTOR_DUMP_DIR")
@@ -710,11 +713,11 @@ def _load(source: str) -> tuple[str, str, object]:
         os.makedirs(dump, exist_ok=True)
         with open(os.path.join(dump, f"{name}.py"), "w") as f:
             f.write(source)
-    module = sys.modules.get(name)
+    module = sys.modules.get(mod_name)
     if module is None:
-        spec = importlib.util.spec_from_file_location(name, path)
+        spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # Triton reads the source back through the module
+        sys.modules[mod_name] = module  # Triton reads the source back through the module
         spec.loader.exec_module(module)
     return key, path, module
 
@@ -726,19 +729,20 @@ def render_hooks(score: Expr, mask: Expr | None, captured_meta: Sequence[Capture
     Raises :class:`UnsupportedHook` (or ``E.NotDifferentiable`` with ``backward``)
     for expressions the printer cannot express.
     """
-    request = (score, mask, tuple(captured_meta), bounds, backward)
+    interpret = _compat.triton_interpret_enabled()
+    request = (score, mask, tuple(captured_meta), bounds, backward, interpret)
     hit = _by_request.get(request)
     if hit is not None:
         return hit
     rendered = render_source(score, mask, captured_meta, bounds=bounds, backward=backward)
     with _lock:
-        key, path, module = _load(rendered.source)
-        hooks = _by_key.get(key)
+        key, path, module = _load(rendered.source, interpret)
+        hooks = _by_key.get((key, interpret))
         if hooks is None:
             hooks = Hooks(key, path, rendered.source, module.score_mod, module.mask_mod,
                           getattr(module, "score_grad", None), getattr(module, "captured_grad", None),
                           rendered.has_score_mod, rendered.has_mask, rendered.has_score_grad,
                           rendered.has_captured_grad, rendered.grad_loads)
-            _by_key[key] = hooks
+            _by_key[(key, interpret)] = hooks
         _by_request[request] = hooks
     return hooks

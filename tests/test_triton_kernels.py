@@ -1,0 +1,440 @@
+"""The Triton kernels (templates/) on CPU tensors under the Triton interpreter.
+
+Every case runs the real forward and backward kernels against a dense fp64
+reference written here (softmax over masked scores; rows with no live entry give
+0 out, -inf lse and no gradient), judged by the project's numerics rule:
+the kernel's error vs fp64 is at most 2x the error of the same maths done
+naively in the input dtype (``attn_inductor.testing.numerics``).
+
+``TRITON_INTERPRET=1`` is set by a module fixture, which also (re)defines the
+kernels under it (``triton.jit`` picks interpreted functions at decoration
+time) and restores everything afterwards, so merely collecting this file
+changes nothing for other test modules (GPU runs included).  Shapes are tiny
+(the interpreter runs every program in numpy): the file runs in a few minutes
+on 2 cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+from attn_inductor.lowering import expr as E  # noqa: E402
+from attn_inductor.masks.block_sparsity import EMPTY, FULL, PARTIAL, dense, from_block_map  # noqa: E402
+from attn_inductor.templates import hooks, launch  # noqa: E402  (no Triton kernel is defined by these)
+from attn_inductor.testing.numerics import assert_close_to_reference  # noqa: E402
+
+F32, I64, BOOL = "float32", "int64", "bool"
+_KERNEL_MODULES = ("attn_inductor.templates.hook_lib", "attn_inductor.templates.attn_fwd",
+                   "attn_inductor.templates.attn_bwd")
+
+
+def _reload_triton_standard():
+    """Re-run ``triton.language.standard``'s ``@triton.jit`` decorators under the current mode.
+
+    ``triton.jit`` chooses interpreted or compiled functions when a module is
+    imported, and ``torch._dynamo`` imports Triton long before this file can set
+    ``TRITON_INTERPRET``; ``tl.zeros``, ``tl.max``, ``tl.sum``... would then stay
+    compiled-mode functions the interpreter cannot call (Triton 3.9).
+    """
+    import triton.language as tl
+
+    old = dict(vars(tl.standard))
+    importlib.reload(tl.standard)
+    for name, obj in old.items():
+        if getattr(tl, name, None) is obj:
+            setattr(tl, name, getattr(tl.standard, name))
+
+
+def _reload_kernels():
+    for name in _KERNEL_MODULES:
+        importlib.import_module(name)
+        importlib.reload(importlib.import_module(name))
+
+
+@contextlib.contextmanager
+def triton_interpreter():
+    """The kernels as interpreted functions for the duration; everything restored afterwards."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    std_reloaded = not isinstance(tl.standard.zeros, InterpretedFunction)
+    try:
+        if std_reloaded:
+            _reload_triton_standard()
+        _reload_kernels()
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+        if std_reloaded:
+            _reload_triton_standard()
+            _reload_kernels()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter():
+    with triton_interpreter():
+        yield
+
+
+# ----------------------------------------------------------------------------- expressions
+
+
+def _c(v, dtype=I64):
+    return E.const(v, dtype)
+
+
+def causal_mask(offset: int = 0):
+    """q_idx + offset >= kv_idx (offset = Lk - Lq aligns the ends, as in decoding)."""
+    return E.call("ge", E.call("add", E.q_idx, _c(offset), dtype=I64), E.kv_idx, dtype=BOOL)
+
+
+def sliding_mask(window: int):
+    d = E.call("sub", E.q_idx, E.kv_idx, dtype=I64)
+    return E.and_(causal_mask(), E.call("lt", d, _c(window), dtype=BOOL))
+
+
+def alibi_score(buffer: int = 0):
+    """score + slopes[h] * (kv_idx - q_idx)."""
+    rel = E.call("to", E.call("sub", E.kv_idx, E.q_idx, dtype=I64), dtype=F32)
+    slope = E.Load(buffer, (E.h,), F32)
+    return E.call("add", E.score, E.call("mul", slope, rel, dtype=F32), dtype=F32)
+
+
+def relbias_score(kv_len: int, buffer: int = 0):
+    """score + T[h, q_idx - kv_idx + Lk - 1]."""
+    idx = E.call("add", E.call("sub", E.q_idx, E.kv_idx, dtype=I64), _c(kv_len - 1), dtype=I64)
+    return E.call("add", E.score, E.Load(buffer, (E.h, idx), F32), dtype=F32)
+
+
+def softcap_score(cap: float):
+    t = E.call("tanh", E.call("truediv", E.score, E.const(cap, F32), dtype=F32), dtype=F32)
+    return E.call("mul", t, E.const(cap, F32), dtype=F32)
+
+
+def document_mask(buffer: int = 0):
+    """doc[b, q_idx] == doc[b, kv_idx], causal."""
+    same = E.call("eq", E.Load(buffer, (E.b, E.q_idx), I64), E.Load(buffer, (E.b, E.kv_idx), I64), dtype=BOOL)
+    return E.and_(causal_mask(), same)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _widen(expr, dtype):
+    """float32 nodes computed in ``dtype`` (fp64 for the oracle)."""
+    if expr is None or dtype == torch.float32:
+        return expr
+    name = E.dtype_name(dtype)
+    memo = {}
+
+    def go(e):
+        if e in memo:
+            return memo[e]
+        if isinstance(e, E.Const):
+            out = E.Const(e.value, name) if e.dtype == F32 else e
+        elif isinstance(e, E.Load):
+            out = E.Load(e.buffer, tuple(go(i) for i in e.indices), name if e.dtype == F32 else e.dtype)
+        elif isinstance(e, E.Call):
+            out = E.Call(e.op, tuple(go(a) for a in e.args), name if e.dtype == F32 else e.dtype)
+        else:
+            out = e
+        memo[e] = out
+        return out
+
+    return go(expr)
+
+
+def reference(q, k, v, captured, *, score, mask, scale, gqa_group=1, precise=True, row_select=None):
+    """Dense attention: fp64 throughout (``precise``) or eager's maths in the input dtype
+    (scores from a matmul in the input dtype, score mods in their IR dtype, softmax in
+    fp32, P cast back).  Returns (out, lse); differentiable w.r.t. everything."""
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    acc = torch.float64 if precise else torch.float32
+    kk = k.repeat_interleave(gqa_group, 1)
+    vv = v.repeat_interleave(gqa_group, 1)
+    if precise:
+        q, kk, vv = q.double(), kk.double(), vv.double()
+        captured = [t.double() if t.is_floating_point() else t for t in captured]
+    s = (q @ kk.transpose(-1, -2)).to(acc) * scale
+    idx = {"b": torch.arange(b).view(b, 1, 1, 1), "h": torch.arange(hq).view(1, hq, 1, 1),
+           "q_idx": torch.arange(lq).view(1, 1, lq, 1), "kv_idx": torch.arange(lk).view(1, 1, 1, lk)}
+    mod = E.evaluate(_widen(score, acc), idx, captured, score_value=s).to(acc)
+    mod = torch.broadcast_to(mod, s.shape)
+    keep = torch.ones_like(s, dtype=torch.bool)
+    if mask is not None:
+        keep = torch.broadcast_to(E.evaluate(mask, idx, captured), s.shape)
+    if row_select is not None:
+        keep = keep & row_select[..., None]
+    alive = keep.any(-1, keepdim=True)
+    x = torch.where(keep, mod, -math.inf)
+    x = torch.where(alive, x, 0.0)  # dead rows: a finite dummy so no NaN reaches the gradients
+    p = torch.where(alive, torch.softmax(x, -1), 0.0)
+    lse = torch.where(alive[..., 0], torch.logsumexp(x, -1), -math.inf)
+    out = p.to(vv.dtype) @ vv
+    return out, lse
+
+
+def causal_block_map(pred, *, batch, heads, q_len, kv_len, block_m, block_n, captured=()):
+    """Brute force: FULL / PARTIAL / EMPTY per tile from the dense predicate ([B, H, NQ, NK])."""
+    idx = {"b": torch.arange(batch).view(batch, 1, 1, 1), "h": torch.arange(heads).view(1, heads, 1, 1),
+           "q_idx": torch.arange(q_len).view(1, 1, q_len, 1), "kv_idx": torch.arange(kv_len).view(1, 1, 1, kv_len)}
+    keep = torch.broadcast_to(E.evaluate(pred, idx, list(captured)), (batch, heads, q_len, kv_len))
+    nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
+    out = torch.empty(batch, heads, nq, nk, dtype=torch.int8)
+    for i in range(nq):
+        for j in range(nk):
+            t = keep[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+            all_, any_ = t.flatten(2).all(-1), t.flatten(2).any(-1)
+            out[:, :, i, j] = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+    return from_block_map(out, block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)
+
+
+def sparsity_for(mask, q, k, captured, block=16, kind="map"):
+    b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if kind == "none":
+        return None
+    if mask is None or kind == "dense":
+        return dense(block_m=block, block_n=block, q_len=lq, kv_len=lk, kind=FULL if mask is None else PARTIAL)
+    return causal_block_map(mask, batch=b, heads=h, q_len=lq, kv_len=lk, block_m=block, block_n=block,
+                            captured=captured)
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def _inputs(b, hq, hkv, lq, lk, d, dtype, dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+    q = torch.randn(b, hq, lq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
+    do = torch.randn(b, hq, lq, dv, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def check_case(q, k, v, do, captured, needs_grad, *, score, mask, scale, gqa_group=1, sparsity="map",
+               backward=True, deterministic=False, row_select=None):
+    """Run the kernels and compare out, lse and every gradient with the fp64 oracle."""
+    sp = sparsity_for(mask, q, k, captured, kind=sparsity) if isinstance(sparsity, str) else sparsity
+    out, lse = launch.core_forward(q, k, v, captured, score=score, mask=mask, scale=scale, gqa_group=gqa_group,
+                                   sparsity=sp, row_select=row_select)
+    assert out.dtype == v.dtype and lse.dtype == torch.float32
+
+    def run_ref(precise):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        caps = [t.detach().clone().requires_grad_(n) for t, n in zip(captured, needs_grad)]
+        o, l = reference(*leaves, caps, score=score, mask=mask, scale=scale, gqa_group=gqa_group,
+                         precise=precise, row_select=row_select)
+        grads = None
+        if backward:
+            (o * do.to(o.dtype)).sum().backward()
+            grads = [t.grad for t in leaves] + [c.grad if n else None for c, n in zip(caps, needs_grad)]
+        return o.detach(), l.detach(), grads
+
+    o64, l64, g64 = run_ref(True)
+    olp, llp, glp = run_ref(False)
+    assert_close_to_reference(out, o64, olp.to(out.dtype), name="out")
+    assert_close_to_reference(lse, l64, llp, name="lse")
+    if not backward:
+        return out, lse, None
+    lse_in = lse if row_select is None else torch.where(row_select, lse, -math.inf)
+    dq, dk, dv, dcap = launch.core_backward(q, k, v, out, lse_in, do, captured, needs_grad, score=score, mask=mask,
+                                            scale=scale, gqa_group=gqa_group, sparsity=sp,
+                                            deterministic=deterministic)
+    names = ["dq", "dk", "dv"] + [f"dcaptured[{i}]" for i in range(len(captured))]
+    for name, got, ref, lp in zip(names, [dq, dk, dv] + list(dcap), g64, glp):
+        if ref is None:
+            assert got is None, name
+            continue
+        assert got.shape == ref.shape and got.dtype == lp.dtype, name
+        assert_close_to_reference(got, ref, lp.to(got.dtype), name=name)
+    return out, lse, (dq, dk, dv, dcap)
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@pytest.mark.parametrize("lq,lk,d", [(33, 33, 16), (17, 64, 80), (64, 17, 16), (1, 33, 16)])
+def test_no_mask(lq, lk, d):
+    q, k, v, do = _inputs(1, 2, 2, lq, lk, d, torch.float32)
+    check_case(q, k, v, do, [], [], score=E.score, mask=None, scale=d ** -0.5)
+
+
+@pytest.mark.parametrize("sparsity", ["map", "dense", "none"])
+def test_causal_block_kinds(sparsity):
+    q, k, v, do = _inputs(2, 2, 2, 33, 33, 16, torch.float32)
+    mask = causal_mask()
+    if sparsity == "map":  # the brute-force map has all three kinds
+        kinds = set(causal_block_map(mask, batch=1, heads=1, q_len=33, kv_len=33, block_m=16, block_n=16)
+                    .block_map().flatten().tolist())
+        assert kinds == {EMPTY, PARTIAL, FULL}
+    check_case(q, k, v, do, [], [], score=E.score, mask=mask, scale=0.25, sparsity=sparsity)
+
+
+def test_table_blocks_larger_than_tiles():
+    """Tables with 32-blocks walked as 2 x 2 kernel tiles of 16."""
+    q, k, v, do = _inputs(1, 2, 2, 50, 70, 16, torch.float32)
+    mask = causal_mask(offset=20)
+    sp = causal_block_map(mask, batch=1, heads=1, q_len=50, kv_len=70, block_m=32, block_n=32)
+    check_case(q, k, v, do, [], [], score=E.score, mask=mask, scale=0.25, sparsity=sp)
+
+
+def test_sliding_window():
+    q, k, v, do = _inputs(1, 2, 2, 64, 64, 16, torch.float32)
+    check_case(q, k, v, do, [], [], score=E.score, mask=sliding_mask(20), scale=0.25)
+
+
+def test_alibi_learned_slopes():
+    q, k, v, do = _inputs(1, 4, 4, 33, 33, 16, torch.float32)
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / 4) for i in range(4)])
+    check_case(q, k, v, do, [slopes], [True], score=alibi_score(), mask=causal_mask(), scale=0.25)
+
+
+@pytest.mark.parametrize("lq,lk", [(33, 33), (17, 40)])
+def test_relative_bias_table(lq, lk):
+    q, k, v, do = _inputs(1, 2, 2, lq, lk, 16, torch.float32)
+    table = torch.randn(2, lq + lk - 1, generator=torch.Generator().manual_seed(3))
+    check_case(q, k, v, do, [table], [True], score=relbias_score(lk), mask=None, scale=0.25)
+
+
+def test_softcap():
+    q, k, v, do = _inputs(1, 2, 2, 33, 33, 16, torch.float32)
+    check_case(q, k, v, do, [], [], score=softcap_score(2.0), mask=causal_mask(), scale=1.0)
+
+
+def test_document_ids():
+    q, k, v, do = _inputs(2, 2, 2, 40, 40, 16, torch.float32)
+    doc = torch.tensor([[0] * 10 + [1] * 20 + [2] * 10, [0] * 25 + [1] * 15])
+    check_case(q, k, v, do, [doc], [False], score=E.score, mask=document_mask(), scale=0.25)
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_gqa(group):
+    q, k, v, do = _inputs(1, 4, 4 // group, 33, 33, 16, torch.float32)
+    slopes = torch.linspace(0.1, 0.5, 4)
+    check_case(q, k, v, do, [slopes], [True], score=alibi_score(), mask=causal_mask(), scale=0.25,
+               gqa_group=group)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    q, k, v, do = _inputs(1, 2, 1, 33, 40, 16, dtype)
+    table = torch.randn(2, 33 + 40 - 1, generator=torch.Generator().manual_seed(3))
+    check_case(q, k, v, do, [table], [True], score=relbias_score(40), mask=causal_mask(offset=7), scale=0.25,
+               gqa_group=2)
+
+
+def test_value_head_dim_differs():
+    q, k, v, do = _inputs(1, 2, 2, 20, 24, 16, torch.float32, dv=48)
+    check_case(q, k, v, do, [], [], score=E.score, mask=causal_mask(offset=4), scale=0.25)
+
+
+def test_strided_inputs():
+    """[B, L, H, D] storage seen as [B, H, L, D]; nothing is copied."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v, do = (torch.randn(1, 33, 2, 16, generator=g).transpose(1, 2) for _ in range(4))
+    assert not q.is_contiguous()
+    check_case(q, k, v, do, [], [], score=E.score, mask=causal_mask(), scale=0.25)
+
+
+def test_fully_masked_rows():
+    """Rows with no live entry: out 0, lse -inf, no gradient contribution."""
+    q, k, v, do = _inputs(1, 2, 2, 33, 33, 16, torch.float32)
+    # rows q_idx in [8, 20) see nothing
+    dead = E.call("and", E.call("ge", E.q_idx, _c(8), dtype=BOOL), E.call("lt", E.q_idx, _c(20), dtype=BOOL),
+                  dtype=BOOL)
+    mask = E.and_(causal_mask(), E.call("not", dead, dtype=BOOL))
+    out, lse, (dq, *_rest) = check_case(q, k, v, do, [], [], score=E.score, mask=mask, scale=0.25)
+    assert torch.equal(out[:, :, 8:20], torch.zeros_like(out[:, :, 8:20]))
+    assert bool((lse[:, :, 8:20] == -math.inf).all())
+    assert torch.equal(dq[:, :, 8:20], torch.zeros_like(dq[:, :, 8:20]))
+
+
+def test_row_select():
+    q, k, v, do = _inputs(2, 2, 2, 40, 40, 16, torch.float32)
+    sel = torch.zeros(2, 2, 40, dtype=torch.bool)
+    sel[0, 0, 3:9] = True  # q tile 0 partly selected
+    sel[1, 1, 33:] = True  # last tile partly selected; tiles 1 of every row and all of (0, 1) unselected
+    out, lse, _ = check_case(q, k, v, do, [], [], score=E.score, mask=causal_mask(), scale=0.25, row_select=sel)
+    assert torch.equal(out[~sel], torch.zeros_like(out[~sel]))
+    assert bool((lse[~sel] == -math.inf).all())
+
+
+def test_deterministic_backward_repeats_bitwise():
+    q, k, v, do = _inputs(1, 2, 2, 33, 33, 16, torch.float32)
+    table = torch.randn(2, 65, generator=torch.Generator().manual_seed(3))
+    slopes = torch.tensor([0.25, 0.5])
+    score = E.call("add", relbias_score(33, 0), E.call("sub", alibi_score(1), E.score, dtype=F32), dtype=F32)
+    _, _, first = check_case(q, k, v, do, [table, slopes], [True, True], score=score, mask=causal_mask(),
+                             scale=0.25, deterministic=True)
+    sp = sparsity_for(causal_mask(), q, k, [])
+    out, lse = launch.core_forward(q, k, v, [table, slopes], score=score, mask=causal_mask(), scale=0.25,
+                                   gqa_group=1, sparsity=sp)
+    for _ in range(2):
+        again = launch.core_backward(q, k, v, out, lse, do, [table, slopes], [True, True], score=score,
+                                     mask=causal_mask(), scale=0.25, gqa_group=1, sparsity=sp, deterministic=True)
+        for a, b in zip(list(first[:3]) + list(first[3]), list(again[:3]) + list(again[3])):
+            assert torch.equal(a, b)
+
+
+def test_nan_in_query_row_propagates():
+    q, k, v, _ = _inputs(1, 2, 2, 33, 33, 16, torch.float32)
+    q[0, 1, 5, 3] = math.nan
+    sp = sparsity_for(causal_mask(), q, k, [])
+    out, lse = launch.core_forward(q, k, v, [], score=E.score, mask=causal_mask(), scale=0.25, gqa_group=1,
+                                   sparsity=sp)
+    assert bool(out[0, 1, 5].isnan().all()) and bool(lse[0, 1, 5].isnan())
+    nan_rows = out.isnan().any(-1)
+    assert int(nan_rows.sum()) == 1
+
+
+def test_printer_aten_semantics():
+    """Ops whose Triton spelling differs from aten (floor division, remainder, casts, rounding)."""
+    q, k, v, do = _inputs(1, 2, 2, 33, 33, 16, torch.float32)
+    diff = E.call("sub", E.q_idx, E.kv_idx, dtype=I64)
+    fd = E.call("floordiv", diff, _c(-3), dtype=I64)
+    rem = E.call("remainder", diff, _c(5), dtype=I64)
+    wrapped = E.call("to", E.call("mul", E.call("add", diff, _c(100), dtype=I64), _c(3), dtype=I64), dtype="int8")
+    s = E.score
+    s = E.call("add", s, E.call("mul", E.call("to", fd, dtype=F32), E.const(0.1, F32), dtype=F32), dtype=F32)
+    s = E.call("add", s, E.call("mul", E.call("to", wrapped, dtype=F32), E.const(0.01, F32), dtype=F32), dtype=F32)
+    rounded = E.call("to", E.call("mul", s, E.const(3.0, F32), dtype=F32), dtype="bfloat16")
+    s = E.call("add", s, E.call("to", E.call("round", E.call("to", rounded, dtype=F32), dtype=F32), dtype=F32),
+               dtype=F32)
+    trunc = E.call("trunc_to", E.call("mul", s, E.const(0.5, F32), dtype=F32), dtype=I64)
+    s = E.call("sub", s, E.call("to", E.call("remainder", trunc, _c(2), dtype=I64), dtype=F32), dtype=F32)
+    s = E.call("maximum", s, E.call("log1p", E.call("abs", s, dtype=F32), dtype=F32), dtype=F32)
+    mask = E.call("ne", rem, _c(3), dtype=BOOL)
+    check_case(q, k, v, do, [], [], score=s, mask=mask, scale=0.5, backward=False)
+
+
+def test_head_dim_too_large_is_refused():
+    q, k, v, _ = _inputs(1, 1, 1, 4, 4, 320, torch.float32)
+    with pytest.raises(ValueError, match="head dim 320 is larger than 256"):
+        launch.core_forward(q, k, v, [], score=E.score, mask=None, scale=1.0, gqa_group=1, sparsity=None)
+
+
+def test_hooks_cached_and_dumped(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTN_INDUCTOR_DUMP_DIR", str(tmp_path))
+    score = softcap_score(7.0)
+    metas = hooks.captured_meta_of([])
+    first = hooks.render_hooks(score, causal_mask(), metas, bounds=hooks.IndexBounds(1, 2, 64, 64))
+    again = hooks.render_hooks(score, causal_mask(), metas, bounds=hooks.IndexBounds(1, 2, 64, 64))
+    assert first is again
+    dumped = list(tmp_path.glob("attn_inductor_hooks_*.py"))
+    assert len(dumped) == 1 and dumped[0].read_text() == first.source
+    assert "lib.tanh" in first.source and "def mask_mod" in first.source
