@@ -31,6 +31,7 @@ class Case:
     grads: bool = True
     dtypes: tuple = (torch.float32,)
     note: str = ""
+    gqa: int = 1                      # expected GQA group recovered from repeat_interleave / expand
     tags: tuple = field(default_factory=tuple)
 
 
@@ -127,7 +128,7 @@ case("masked_fill(triu(diagonal=1), finfo.min)", "mask",
      simple(lambda s, q, k, v: torch.softmax(
          (q @ k.mT).masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool), diagonal=1),
                                 torch.finfo(q.dtype).min), -1) @ v),
-     score="score", mask=None)
+     score="score", mask="kv_idx - q_idx < 1")
 case("where(arange causal, s, -inf)", "mask",
      simple(lambda s, q, k, v: torch.softmax(torch.where(
          torch.arange(L)[:, None] >= torch.arange(L)[None, :], q @ k.mT * 0.3, float("-inf")), -1) @ v),
@@ -135,15 +136,15 @@ case("where(arange causal, s, -inf)", "mask",
 case("additive 0/-inf float mask", "mask",
      simple(lambda s, q, k, v: torch.softmax(
          q @ k.mT + torch.zeros(L, L).masked_fill(~causal_bool(L), float("-inf")), -1) @ v),
-     score="score")
+     score="score", mask="kv_idx - q_idx <= 0")
 case("additive 0/finfo.min float mask", "mask",
      simple(lambda s, q, k, v: torch.softmax(
          q @ k.mT + torch.full((L, L), torch.finfo(torch.float32).min).triu(1), -1) @ v),
-     score="score")
+     score="score", mask="kv_idx - q_idx < 1")
 case("ones(...).tril() bool mask", "mask",
      simple(lambda s, q, k, v: torch.softmax(
          (q @ k.mT).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")), -1) @ v),
-     score="score")
+     score="score", mask="kv_idx - q_idx <= 0")
 
 
 def _gpt2_buffer(self, q, k, v):
@@ -180,9 +181,10 @@ def _padding_case(style):
 
 
 case("padding mask [B,S] → [B,1,1,S], -inf", "mask", _padding_case("-inf"),
-     score="score", mask="~pad[b, kv_idx]" and None)
-case("padding mask, finfo.min", "mask", _padding_case("finfo"), score="score")
+     score="score", mask="args[3][b, kv_idx]")
+case("padding mask, finfo.min", "mask", _padding_case("finfo"), score="score", mask="args[3][b, kv_idx]")
 case("causal & padding, finfo.min (fully masked rows)", "mask", _padding_case("causal&pad"), score="score",
+     mask="args[3][b, kv_idx] & kv_idx - q_idx <= 0",
      note="left-padded query rows see no key: eager gives the mean of V, and so do we")
 
 
@@ -228,7 +230,7 @@ def _alibi(self, q, k, v):
 
 case("ALiBi from arange and per-head slopes", "bias",
      simple(_alibi, slopes=lambda: torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)])),
-     score="score + self.slopes[h] * (kv_idx - q_idx)")
+     score="score + self.slopes[h] * (kv_idx - q_idx)", mask="kv_idx - q_idx <= 0")
 
 
 def _relpos(self, q, k, v):
@@ -240,7 +242,7 @@ def _relpos(self, q, k, v):
 
 case("learned relative-position table [H, 2L-1]", "bias",
      simple(_relpos, table=lambda: nn.Parameter(0.5 * torch.randn(H, 2 * L - 1))),
-     score="score + self.table[h, q_idx - kv_idx + 15]")
+     score="score + self.table[h, q_idx - kv_idx + 15]", mask="none")
 
 
 def t5_bucket(relative_position, bidirectional=True, num_buckets=8, max_distance=20):
@@ -270,7 +272,8 @@ def _t5(self, q, k, v):
 
 
 case("T5 bucketed relative bias (nn.Embedding)", "bias", simple(_t5, rel=lambda: nn.Embedding(8, H)),
-     score=None)
+     score="score + self.rel.weight[(kv_idx - q_idx > 0) * 4 + where(abs(kv_idx - q_idx) < 2, abs(kv_idx - q_idx), "
+           "min(int(log(abs(kv_idx - q_idx) / 2) / 2.30259 * 2) + 2, 3)), h]", mask="none")
 
 
 def _bias_tensor(self, q, k, v, bias):
@@ -282,7 +285,8 @@ def _bias_make(dtype):
     return Fn(_bias_tensor), (q, k, v, torch.randn(1, H, L, L).to(dtype))
 
 
-case("bias tensor [1, H, S, S] input", "bias", _bias_make, score="score + args[3][0, h, q_idx, kv_idx]")
+case("bias tensor [1, H, S, S] input", "bias", _bias_make, score="score + args[3][0, h, q_idx, kv_idx]",
+     mask="none")
 
 
 def _softcap(self, q, k, v):
@@ -292,7 +296,8 @@ def _softcap(self, q, k, v):
     return torch.softmax(sc, -1) @ v
 
 
-case("tanh soft-capping before the mask", "score", simple(_softcap), score="tanh(score / 5) * 5")
+case("tanh soft-capping before the mask", "score", simple(_softcap), score="tanh(score / 5) * 5",
+     mask="kv_idx - q_idx <= 0")
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -313,8 +318,9 @@ def _gqa_make(spelling):
     return make
 
 
-case("GQA via repeat_interleave", "layout", _gqa_make("repeat_interleave"), score="score")
-case("GQA via expand + reshape (repeat_kv)", "layout", _gqa_make("repeat_kv"), score="score")
+case("GQA via repeat_interleave", "layout", _gqa_make("repeat_interleave"), score="score", mask="none",
+     gqa=2)
+case("GQA via expand + reshape (repeat_kv)", "layout", _gqa_make("repeat_kv"), score="score", mask="none", gqa=2)
 
 
 def _cross_make(dtype):
@@ -336,7 +342,7 @@ def _dropout_eval_make(dtype):
     return M().eval(), qkv(dtype)
 
 
-case("nn.Dropout in eval mode", "layout", _dropout_eval_make, score="score")
+case("nn.Dropout in eval mode", "layout", _dropout_eval_make, score="score", mask="none")
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -398,8 +404,7 @@ def render_markdown() -> str:
                 lines.append(f"| {c.name} | {c.refuse} |")
             else:
                 dts = ", ".join(str(d).replace("torch.", "") for d in c.dtypes)
-                lines.append(f"| {c.name} | `{c.score or 'checked numerically'}` | `{c.mask or 'checked numerically'}` "
-                             f"| {dts} |")
+                lines.append(f"| {c.name} | `{c.score}` | `{c.mask}` | {dts} |")
         lines.append("")
     return "\n".join(lines)
 

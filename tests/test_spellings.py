@@ -62,6 +62,7 @@ def test_spelling(case: Case, dtype):
         assert site.score == case.score, str(report)
     if case.mask is not None:
         assert site.mask == case.mask, str(report)
+    assert site.gqa_group == case.gqa, str(report)
 
     before = torch._dynamo.utils.counters["attn_inductor"]["rewritten"]
     compiled = torch.compile(mod, backend=make_backend({"inductor": False}))
@@ -86,3 +87,14 @@ def test_spelling(case: Case, dtype):
         for i, (a, r, e) in enumerate(zip(g_ours, g_ref, g_eager)):
             assert a is not None, f"gradient {i} missing"
             assert_close_to_reference(a, r, e, name=f"grad[{i}]")
+
+
+def test_supported_patterns_page_is_current():
+    """docs/supported-patterns.md is generated from this catalogue; regenerate it when a case changes."""
+    from pathlib import Path
+
+    from .spellings import render_markdown
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "supported-patterns.md"
+    assert page.read_text().strip() == render_markdown().strip(), \
+        "docs/supported-patterns.md is stale: run `python -m tests.spellings > docs/supported-patterns.md`"
