@@ -130,3 +130,18 @@ def make_backend(options=None, *, explain_only: bool = False) -> Callable:
 
     backend.__name__ = "flexattn"
     return backend
+
+
+def _register_by_name() -> None:
+    """Make ``backend="flexattn"`` resolve even when the package is on sys.path without its
+    entry-point metadata (e.g. a source checkout on PYTHONPATH).  The entry point is the normal route."""
+    from torch._dynamo.backends import registry
+
+    if "flexattn" not in registry._COMPILER_FNS:
+        try:
+            registry.register_backend(flexattn_backend, name="flexattn")
+        except AssertionError:  # registered concurrently through the entry point
+            pass
+
+
+_register_by_name()
