@@ -135,8 +135,12 @@ def make_backend(options=None, *, explain_only: bool = False) -> Callable:
 def _register_by_name() -> None:
     """Make ``backend="flexattn"`` resolve even when the package is on sys.path without its
     entry-point metadata (e.g. a source checkout on PYTHONPATH).  The entry point is the normal route."""
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends import registry
 
+    if any(ep.name == "flexattn" for ep in entry_points(group="torch_dynamo_backends")):
+        return  # torch registers us itself when it loads the entry point
     if "flexattn" not in registry._COMPILER_FNS:
         try:
             registry.register_backend(flexattn_backend, name="flexattn")
