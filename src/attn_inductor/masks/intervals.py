@@ -514,18 +514,20 @@ def _reduce_ranges(x: torch.Tensor, dim: int, starts: torch.Tensor, stops: torch
     return out
 
 
-def load_bounds(tensor: torch.Tensor, indices: Sequence[Interval], *,
-                budget: int = LOAD_REDUCTION_BUDGET) -> Interval:
+def load_bounds(tensor: torch.Tensor, indices: Sequence[Interval], *, budget: int | None = None) -> Interval:
     """Bounds of ``tensor[i0, i1, ...]`` for index intervals broadcast over the tile grid.
 
     Exact where every index is a point; otherwise the min/max of the tensor over
     each tile's index box (exact too), except that a dimension whose ranges
     would cost more than ``budget`` elements is reduced whole (sound, looser).
     """
+    budget = LOAD_REDUCTION_BUDGET if budget is None else budget
     t = tensor.detach()
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
     dev = t.device
+    if len(indices) != t.dim():
+        raise ValueError(f"a load needs one index per dimension: {len(indices)} for shape {tuple(t.shape)}")
     if t.dim() == 0:
         return _as_interval(point(t), t.dtype)
     if t.numel() == 0:  # any read raises in eager
@@ -575,60 +577,70 @@ def _proxy(e: Expr, memo: dict) -> torch.Tensor:
 
 
 def bound(expr: Expr, box: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-          captured: Sequence[torch.Tensor] = (), *, device=None,
-          budget: int = LOAD_REDUCTION_BUDGET) -> Bounds:
+          captured: Sequence[torch.Tensor] = (), *, device=None, budget: int | None = None) -> Bounds:
     """Sound bounds of ``expr`` with each index in ``box[name] = (lo, hi)`` (int64, inclusive).
 
     Captured tensors are moved to ``device`` (default: the box's device).
     """
     if device is None:
         device = next(iter(box.values()))[0].device if box else torch.device("cpu")
-    memo: dict[Expr, Bounds] = {}
-    dims: dict[Expr, bool] = {}
-    false = torch.zeros((), dtype=torch.bool, device=device)
+    return _Bounder(box, captured, device, budget).bound(expr)
 
-    def go(e: Expr) -> Bounds:
-        hit = memo.get(e)
+
+class _Bounder:
+    """One evaluation's memo.  A class, not nested closures: recursive closures form a
+    reference cycle that would keep every intermediate tensor (and the captured
+    tensors) alive until the garbage collector runs."""
+
+    def __init__(self, box, captured, device, budget):
+        self.box, self.captured, self.device, self.budget = box, captured, device, budget
+        self.memo: dict[Expr, Bounds] = {}
+        self.dims: dict[Expr, bool] = {}
+
+    def bound(self, e: Expr) -> Bounds:
+        hit = self.memo.get(e)
         if hit is not None:
             return hit
         td = E.torch_dtype(e.dtype)
         if isinstance(e, Index):
-            lo, hi = box[e.name]
-            out: Bounds = convert(Interval(lo, hi, false, torch.int64), td)
+            lo, hi = self.box[e.name]
+            out: Bounds = convert(Interval(lo, hi, torch.zeros((), dtype=torch.bool, device=self.device),
+                                           torch.int64), td)
         elif isinstance(e, Const):
-            out = point(torch.tensor(e.value, dtype=td, device=device))
+            out = point(torch.tensor(e.value, dtype=td, device=self.device))
         elif isinstance(e, Load):
-            tensor = captured[e.buffer].to(device)
-            idx = [_as_interval(go(i), torch.int64) for i in e.indices]
-            out = convert(load_bounds(tensor, idx, budget=budget), td)
+            tensor = self.captured[e.buffer].to(self.device)
+            idx = [_as_interval(self.bound(i), torch.int64) for i in e.indices]
+            out = convert(load_bounds(tensor, idx, budget=self.budget), td)
         elif isinstance(e, Call):
-            out = _call(e, td)
+            out = self.call(e, td)
         else:  # Score and anything new: unknown
-            out = widest(td, device)
-        memo[e] = out
+            out = widest(td, self.device)
+        self.memo[e] = out
         return out
 
-    def _call(e: Call, td: torch.dtype) -> Bounds:
-        op, args = e.op, e.args
+    def promoted(self, x: Expr, y: Expr) -> torch.dtype:
+        """The dtype eager's type promotion picks for a comparison or ``where``."""
+        return torch.result_type(_proxy(x, self.dims), _proxy(y, self.dims))
+
+    def call(self, e: Call, td: torch.dtype) -> Bounds:
+        op, args, go = e.op, e.args, self.bound
         if op == "where":
             c, x, y = args
-            promoted = torch.result_type(_proxy(x, dims), _proxy(y, dims))
+            promoted = self.promoted(x, y)
             return _where(go(c), convert(go(x), promoted), convert(go(y), promoted), td)
         if op in E.UNARY_OPS:
             return _unary(op, go(args[0]), td)
         if op in E.COMPARISONS:
-            promoted = torch.result_type(_proxy(args[0], dims), _proxy(args[1], dims))
-            return convert(_compare(op, go(args[0]), go(args[1]), promoted), td)
+            return convert(_compare(op, go(args[0]), go(args[1]), self.promoted(*args)), td)
         if op in E.LOGICAL:
             return convert(_logical(op, go(args[0]), go(args[1])), td)
         if td == torch.bool:
-            return widest(td, device)
+            return widest(td, self.device)
         a, b = (_as_interval(go(x), td) for x in args)  # eager computes in the result dtype
         if td.is_floating_point:
             return _binary_float(op, a, b, td)
         return _binary_int(op, a, b, td)
-
-    return go(expr)
 
 
 def bound_predicate(pred: Expr, box: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
