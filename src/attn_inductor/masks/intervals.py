@@ -173,7 +173,6 @@ def convert(v: Bounds, dtype: torch.dtype) -> Bounds:
         lo, hi = v.must.to(torch.int64), v.may.to(torch.int64)
         zero = torch.zeros((), dtype=torch.bool, device=lo.device)
         return convert(Interval(lo, hi, zero, torch.uint8), dtype)
-    dev = v.lo.device
     if dtype == torch.bool:  # nonzero test; NaN is truthy
         must = (v.lo > 0) | (v.hi < 0)
         may = (v.lo != 0) | (v.hi != 0) | v.nan
