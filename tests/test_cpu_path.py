@@ -406,6 +406,26 @@ def test_row_select_zeroes_unselected_rows():
     assert torch.all(out[~select] == 0) and torch.all(lse[~select] == -math.inf)
 
 
+def test_any_strides():
+    """q, k, v as [B, L, H, D] storage viewed [B, H, L, D], as models produce them."""
+    sh = Shape(2, 4, 2, 33, 40, 8)
+    g = torch.Generator().manual_seed(5)
+    case = _build("relative_bias", sh, torch.float32, g)
+    q, k, v = _inputs(sh, torch.float32, g)
+    q_t, k_t, v_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not q_t.is_contiguous()
+    out, lse, lse_fb = runtime.attention_forward(case.spec, q, k, v, case.captured, SMALL_TILES)
+    out_t, lse_t, _ = runtime.attention_forward(case.spec, q_t, k_t, v_t, case.captured, SMALL_TILES)
+    torch.testing.assert_close(out_t, out, rtol=1e-5, atol=1e-6)  # strides change MKL kernels, not maths
+    grad_out = torch.randn(out.shape, generator=g).transpose(1, 2).contiguous().transpose(1, 2)
+    want = runtime.attention_backward(case.spec, q, k, v, out, lse, lse_fb, grad_out.contiguous(), case.captured,
+                                      case.learned, SMALL_TILES)
+    got = runtime.attention_backward(case.spec, q_t, k_t, v_t, out_t, lse_t, lse_fb, grad_out, case.captured,
+                                     case.learned, SMALL_TILES)
+    for a, w in zip([*got[:3], *got[3]], [*want[:3], *want[3]]):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+
+
 class _LargestStorage(TorchDispatchMode):
     """Largest storage (bytes) any op produced while active."""
 

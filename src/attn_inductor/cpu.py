@@ -19,10 +19,14 @@ Invariants
   are never touched, FULL tiles (for every batch and head) skip the mask.  A
   PARTIAL tile evaluates the mask first and is skipped when nothing passes, so
   a dense-PARTIAL table still skips the causal upper triangle.
-- A row where nothing passes the mask (or every score is -inf) comes out as
+- A masked entry is -inf (``minimum`` with a ±inf cap, see ``_tile_mask_cap``);
+  a row where nothing passes the mask (or every score is -inf) comes out as
   out = 0, lse = -inf, and contributes nothing to the backward.
-- Deterministic by construction: one thread of Python visits tiles in a fixed
-  order, so ``deterministic`` changes nothing here.
+- The backward rebuilds P from lse and uses delta = rowsum(dO * out), or
+  recomputes both where they are too coarse (Note [backward statistics]).
+- Deterministic by construction: tiles are visited in a fixed order and the
+  scatter into captured gradients (``index_put_`` with accumulate) is serial on
+  CPU, so ``deterministic`` changes nothing here.
 
 What it does not do: dropout, or NaN/Inf in V on keys of skipped tiles (an
 EMPTY tile is not read, so a NaN there does not propagate as it would in eager).

@@ -15,11 +15,12 @@ more, and this module builds it from core calls (Note [fully masked rows]):
    zeros with ``fully_masked_rows="zeros"``.
 
 The backward mirrors it: a live-pass backward with ``lse`` and a fallback-pass
-backward on the rows where ``lse_fallback`` is finite (recomputed around a
-per-row shift, see ``_fallback_backward``), summed; each pass's lse is -inf on
-the other's rows, which then contribute nothing.  For rows of step 3 under the "eager" policy it
-reproduces what autograd through the naive additive-mask graph gives: the
-row's dq is NaN, dk and dv of the whole (batch, kv head) the row attends are
+backward on the rows where ``lse_fallback`` is finite, summed; each pass's lse
+is -inf on the other's rows, which then contribute nothing.  The fallback rows
+are first recomputed around a per-row shift (one extra forward over those rows
+only, see ``_fallback_backward``).  For rows of step 3 under the "eager"
+policy the backward reproduces what autograd through the naive additive-mask
+graph gives: the row's dq is NaN, dk and dv of the whole (batch, kv head) the row attends are
 NaN (every key receives P·dO and dS·q from a NaN row), and each captured
 tensor that needs grad is NaN at the entries the row's ``score_full`` loads
 (evaluated over all keys).  That last step needs the dead rows on the host, so
@@ -112,8 +113,8 @@ def attention_forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Ten
 def _poison_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """NaN on ``rows`` (a bool tensor of t's leading dims), t elsewhere.
 
-    Added as a small NaN/0 tensor rather than a broadcast boolean ``where``,
-    which is ~40x slower on CPU (torch 2.13); a bool where on the small side is cheap.
+    Adds a NaN/0 tensor of the rows' shape instead of a broadcast boolean
+    ``where`` over all of ``t``, which is ~40x slower on CPU (torch 2.13).
     """
     poison = torch.where(rows, math.nan, 0.0).to(t.dtype)
     return t + poison.view(*rows.shape, *([1] * (t.dim() - rows.dim())))
