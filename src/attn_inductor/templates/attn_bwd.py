@@ -8,7 +8,9 @@ Notation (as in attn_fwd.py, plus)
     P           = 2^(x - LSE2)                      recomputed, never stored
     dP          = dO @ V^T
     dS_mod      = P * (dP - DELTA)                  gradient w.r.t. the modified score
-    dS          = dS_mod * SCORE_GRAD(s, ...)       gradient w.r.t. s = scale * q·k
+    dS          = dS_mod * d(score_mod)/ds          gradient w.r.t. s = scale * q·k; the
+                  SCORE_MOD_GRAD hook gives the modified score and this derivative
+                  from one evaluation (shared subexpressions, e.g. one tanh for softcap)
     dQ = scale * dS @ K        dK = scale * dS^T @ Q        dV = P^T @ dO
     BLOCK_M, BLOCK_N    the tiles of the kernel at hand (dK/dV and dQ choose their own)
 
@@ -81,7 +83,7 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
     stride_qm, stride_dom, Q_LEN, scale,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -103,7 +105,10 @@ def _attn_bwd_dkdv_inner(
     q_idx = offs_m[None, :]
     kv_idx = offs_n[:, None]
     sT = qkT * scale
-    if HAS_SCORE_MOD:
+    if HAS_SCORE_GRAD:
+        modT, dmodT = SCORE_MOD_GRAD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
+        xT = modT * LOG2E
+    elif HAS_SCORE_MOD:
         xT = SCORE_MOD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES) * LOG2E
     else:
         xT = qkT * (scale * LOG2E)
@@ -127,7 +132,7 @@ def _attn_bwd_dkdv_inner(
         CAPTURED_GRAD(dsT, sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], live, CAPTURED, STRIDES,
                       GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 0, GRAD_MODE)
     if HAS_SCORE_GRAD:
-        dsT = dsT * SCORE_GRAD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
+        dsT = dsT * dmodT
     dk = tl.dot(lib.as_dot_operand(dsT, Q_DTYPE, FP32_OPERANDS), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
@@ -146,7 +151,7 @@ def _attn_bwd_dkdv(
     stride_nb, stride_nh, stride_nn,
     stride_ib, stride_ih, stride_in,
     HQ, Q_LEN, KV_LEN, scale,
-    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
     IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -204,7 +209,7 @@ def _attn_bwd_dkdv(
                 dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
                 stride_qm, stride_dom, Q_LEN, scale,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-                SCORE_MOD, MASK_MOD, SCORE_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
+                SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
                 EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
                 INPUT_PRECISION, FP32_OPERANDS)
         for it in range(0, n_part):
@@ -213,7 +218,7 @@ def _attn_bwd_dkdv(
                 dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
                 stride_qm, stride_dom, Q_LEN, scale,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-                SCORE_MOD, MASK_MOD, SCORE_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
+                SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
                 EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
                 INPUT_PRECISION, FP32_OPERANDS)
 
@@ -235,7 +240,7 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
     stride_kn, stride_vn, KV_LEN, scale,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -252,7 +257,10 @@ def _attn_bwd_dq_inner(
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     s = qk * scale
-    if HAS_SCORE_MOD:
+    if HAS_SCORE_GRAD:
+        mod, dmod = SCORE_MOD_GRAD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
+        x = mod * LOG2E
+    elif HAS_SCORE_MOD:
         x = SCORE_MOD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES) * LOG2E
     else:
         x = qk * (scale * LOG2E)
@@ -271,7 +279,7 @@ def _attn_bwd_dq_inner(
         CAPTURED_GRAD(ds, s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], live, CAPTURED, STRIDES,
                       GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 1, GRAD_MODE)
     if HAS_SCORE_GRAD:
-        ds = ds * SCORE_GRAD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
+        ds = ds * dmod
     dq = tl.dot(lib.as_dot_operand(ds, K_DTYPE, FP32_OPERANDS), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
     return dq
 
@@ -289,7 +297,7 @@ def _attn_bwd_dq(
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im,
     HQ, Q_LEN, KV_LEN, scale,
-    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
     IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -349,7 +357,7 @@ def _attn_bwd_dq(
             dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
             stride_kn, stride_vn, KV_LEN, scale,
             CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-            SCORE_MOD, MASK_MOD, SCORE_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
+            SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
             EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
             INPUT_PRECISION, FP32_OPERANDS)
     for it in range(0, n_part):
@@ -358,7 +366,7 @@ def _attn_bwd_dq(
             dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
             stride_kn, stride_vn, KV_LEN, scale,
             CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-            SCORE_MOD, MASK_MOD, SCORE_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
+            SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
             EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
             INPUT_PRECISION, FP32_OPERANDS)
 

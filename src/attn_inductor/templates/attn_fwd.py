@@ -233,7 +233,7 @@ def _attn_fwd(
     # Note [fully masked rows]
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_i)) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     if HAS_ROW_SELECT:
         out = tl.where(selected[:, None], out, 0.0)
         lse = tl.where(selected, lse, float("-inf"))

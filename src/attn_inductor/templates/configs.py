@@ -15,6 +15,17 @@ forward and both backward kernels.  Under the interpreter everything is 16
 (small tiles keep CPU tests fast and still exercise several tiles per table block
 when a test builds its tables with 32).
 
+Note [heavy hooks]
+    A score mod, a gather from a captured tensor or a captured gradient keeps
+    extra [BLOCK_M, BLOCK_N] tiles live (the score-mod derivative, gathered
+    values, contributions).  Cross-compiling for sm_90 (Triton 3.9, ptxas)
+    showed the default dK/dV tile (64 x 128, 8 warps) spilling 400-2000 bytes
+    with softcap or a relative-bias table and none with the q/kv inner tile
+    halved (32 x 128), and the D=64 forward spilling with a document-id mask
+    at 4 warps and not at 8.  So heavy hooks halve the backward's inner tiles
+    and use 8 warps for 128 x 128 forward tiles.  To be confirmed by timing on
+    the GPU.
+
 Invariants: every block is a power of two >= 16 (``tl.dot``'s minimum);
 ``block_m1``/``block_n1`` are the dK/dV kernel's q and kv tiles,
 ``block_m2``/``block_n2`` the dQ kernel's.
@@ -22,6 +33,7 @@ Invariants: every block is a power of two >= 16 (``tl.dot``'s minimum);
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -64,17 +76,18 @@ _FWD = {
         (64, 2): FwdConfig(128, 128, 4, 3),
         (128, 2): FwdConfig(128, 64, 8, 3),
         (256, 2): FwdConfig(64, 32, 4, 3),
-        (64, 4): FwdConfig(128, 32, 4, 3),
-        (128, 4): FwdConfig(64, 32, 4, 3),
-        (256, 4): FwdConfig(32, 32, 4, 2),
+        # fp32: tiles small enough for the FMA path (input_precision="ieee") not to spill
+        (64, 4): FwdConfig(64, 32, 4, 2),
+        (128, 4): FwdConfig(32, 16, 4, 2),
+        (256, 4): FwdConfig(16, 16, 4, 1),
     },
     8: {  # Ampere / Ada
         (64, 2): FwdConfig(128, 64, 4, 3),
         (128, 2): FwdConfig(128, 64, 8, 2),
         (256, 2): FwdConfig(64, 32, 4, 2),
         (64, 4): FwdConfig(64, 32, 4, 2),
-        (128, 4): FwdConfig(64, 32, 4, 2),
-        (256, 4): FwdConfig(32, 32, 4, 1),
+        (128, 4): FwdConfig(32, 16, 4, 2),
+        (256, 4): FwdConfig(16, 16, 4, 1),
     },
 }
 _BWD = {
@@ -82,17 +95,17 @@ _BWD = {
         (64, 2): BwdConfig(64, 128, 128, 64, 8, 3),
         (128, 2): BwdConfig(64, 128, 128, 64, 8, 3),
         (256, 2): BwdConfig(32, 64, 64, 32, 8, 2),
-        (64, 4): BwdConfig(32, 64, 64, 32, 4, 2),
-        (128, 4): BwdConfig(32, 64, 64, 32, 4, 2),
-        (256, 4): BwdConfig(16, 32, 32, 16, 4, 1),
+        (64, 4): BwdConfig(16, 32, 32, 16, 4, 1),
+        (128, 4): BwdConfig(16, 32, 32, 16, 4, 1),
+        (256, 4): BwdConfig(16, 16, 16, 16, 4, 1),
     },
     8: {
         (64, 2): BwdConfig(64, 64, 64, 64, 4, 2),
         (128, 2): BwdConfig(32, 64, 64, 32, 4, 2),
         (256, 2): BwdConfig(16, 32, 32, 16, 4, 1),
-        (64, 4): BwdConfig(32, 64, 64, 32, 4, 1),
-        (128, 4): BwdConfig(32, 32, 32, 32, 4, 1),
-        (256, 4): BwdConfig(16, 32, 32, 16, 4, 1),
+        (64, 4): BwdConfig(16, 32, 32, 16, 4, 1),
+        (128, 4): BwdConfig(16, 32, 32, 16, 4, 1),
+        (256, 4): BwdConfig(16, 16, 16, 16, 4, 1),
     },
 }
 
@@ -141,20 +154,28 @@ def fit_tile(tile: int, sparse: int) -> int:
     return t
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> FwdConfig:
+def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, heavy: bool = False) -> FwdConfig:
+    """``heavy``: the hooks gather from captured tensors or modify the score (Note [heavy hooks])."""
     env = _env_ints("ATTN_INDUCTOR_FWD_CONFIG", 4)
     if env is not None:
         return FwdConfig(*env)
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         return FwdConfig(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 1, 1)
-    return _lookup(_FWD[_capability(device)], head_dim, dtype)
+    cfg = _lookup(_FWD[_capability(device)], head_dim, dtype)
+    if heavy and cfg.block_m >= 128 and cfg.block_n >= 128:
+        cfg = dataclasses.replace(cfg, num_warps=max(cfg.num_warps, 8))
+    return cfg
 
 
-def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
+def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, heavy: bool = False) -> BwdConfig:
+    """``heavy``: score gradient or captured gradients or gathers (Note [heavy hooks])."""
     env = _env_ints("ATTN_INDUCTOR_BWD_CONFIG", 6)
     if env is not None:
         return BwdConfig(*env)
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         b = INTERPRETER_BLOCK
         return BwdConfig(b, b, b, b, 1, 1)
-    return _lookup(_BWD[_capability(device)], head_dim, dtype)
+    cfg = _lookup(_BWD[_capability(device)], head_dim, dtype)
+    if heavy:
+        cfg = dataclasses.replace(cfg, block_m1=max(16, cfg.block_m1 // 2), block_n2=max(16, cfg.block_n2 // 2))
+    return cfg

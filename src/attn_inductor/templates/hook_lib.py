@@ -43,7 +43,7 @@ _LIBDEVICE = _compat.triton_libdevice()
 USE_LIBDEVICE = tl.constexpr(_LIBDEVICE is not None)
 libdevice = _LIBDEVICE  # None under the interpreter; only referenced on the compiled branch
 
-FIXED_POINT_GUARD_BITS = 2  # slack for the two passes computing dS in different tile orders
+FIXED_POINT_GUARD_BITS = tl.constexpr(2)  # slack for the two passes computing dS in different tile orders
 
 
 # ----------------------------------------------------------------------------- integer arithmetic

@@ -14,7 +14,8 @@ The hook signatures are fixed (the kernels rely on them)::
 
     score_mod(score, off_b, off_h, q_idx, kv_idx, q_ok, kv_ok, CAPTURED, STRIDES) -> fp32 tile
     mask_mod(off_b, off_h, q_idx, kv_idx, q_ok, kv_ok, CAPTURED, STRIDES)         -> bool (broadcastable)
-    score_grad(score, off_b, off_h, q_idx, kv_idx, q_ok, kv_ok, CAPTURED, STRIDES) -> d(score_mod)/d(score)
+    score_mod_grad(score, off_b, off_h, q_idx, kv_idx, q_ok, kv_ok, CAPTURED, STRIDES)
+                                                       -> (score_mod, d(score_mod)/d(score))
     captured_grad(ds, score, off_b, off_h, q_idx, kv_idx, q_ok, kv_ok, live, CAPTURED, STRIDES,
                   GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, KV_AXIS, MODE)
 
@@ -535,6 +536,7 @@ class _Rendered:
     has_score_grad: bool
     has_captured_grad: bool
     grad_loads: tuple[int, ...]  # per captured tensor: how many loads contribute to its gradient
+    has_loads: bool  # the score or mask reads a captured tensor
 
 
 def _function(name: str, sig: str, body: list[str], doc: str) -> str:
@@ -610,8 +612,12 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
     if backward:
         p = printer()
         has_score_grad = not E.is_const(score_grad, 1.0)
-        parts.append(_function("score_grad", _SIG_SCORE, _value_body(score_grad, p, F32, False),
-                               "d(score_mod)/d(score)"))
+        mod = p.value(score, F32, tensor=True)
+        if not score_full:
+            mod = f"tl.broadcast_to({mod}, score.shape)"
+        grad = p.value(score_grad, F32, tensor=True)
+        parts.append(_function("score_mod_grad", _SIG_SCORE, p.lines + [f"return {mod}, {grad}"],
+                               "(score_mod, d(score_mod)/d(score)), sharing subexpressions"))
         p = printer()
         body: list[str] = []
         grad_loads = [0] * len(metas)
@@ -647,7 +653,9 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
                                "accumulate ds * d(score)/d(load) into captured gradients (hook_lib Note)"))
     else:
         grad_loads = [0] * len(metas)
-    return _Rendered("\n\n".join(parts), has_score_mod, has_mask, has_score_grad, bool(grads), tuple(grad_loads))
+    has_loads = bool(E.loads(score)) or (mask is not None and bool(E.loads(mask)))
+    return _Rendered("\n\n".join(parts), has_score_mod, has_mask, has_score_grad, bool(grads), tuple(grad_loads),
+                     has_loads)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -662,14 +670,19 @@ class Hooks:
     source: str
     score_mod: object
     mask_mod: object
-    score_grad: object | None
+    score_mod_grad: object | None
     captured_grad: object | None
     has_score_mod: bool
     has_mask: bool
     has_score_grad: bool
     has_captured_grad: bool
     grad_loads: tuple[int, ...] = field(default=())
+    has_loads: bool = False
 
+    @property
+    def heavy(self) -> bool:
+        """Hooks that add live tiles or gathers (configs.py picks register-lighter tiles)."""
+        return self.has_score_mod or self.has_loads or self.has_captured_grad
 
 _lock = threading.Lock()
 _by_key: dict[tuple[str, bool], Hooks] = {}
@@ -740,9 +753,9 @@ def render_hooks(score: Expr, mask: Expr | None, captured_meta: Sequence[Capture
         hooks = _by_key.get((key, interpret))
         if hooks is None:
             hooks = Hooks(key, path, rendered.source, module.score_mod, module.mask_mod,
-                          getattr(module, "score_grad", None), getattr(module, "captured_grad", None),
+                          getattr(module, "score_mod_grad", None), getattr(module, "captured_grad", None),
                           rendered.has_score_mod, rendered.has_mask, rendered.has_score_grad,
-                          rendered.has_captured_grad, rendered.grad_loads)
+                          rendered.has_captured_grad, rendered.grad_loads, rendered.has_loads)
             _by_key[(key, interpret)] = hooks
         _by_request[request] = hooks
     return hooks

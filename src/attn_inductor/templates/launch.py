@@ -24,6 +24,7 @@ What it does not do: dropout, fp64 inputs, head dims above 256.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -129,6 +130,47 @@ def _table_args(sp: BlockSparsity | None, dummy: torch.Tensor, forward: bool):
     return (num, idx, fnum, fidx), bstrides(num), bstrides(idx)
 
 
+# Note [fitting the device]
+#     A config that suits plain attention can exceed the SM's shared memory once
+#     the hooks gather from captured tensors (the pipeliner stages those loads
+#     too) or registers spill badly.  Triton reports OutOfResources at the first
+#     launch; ``_launch`` then retries with fewer pipeline stages, then with a
+#     halved inner-loop tile, and remembers what fitted for that kernel
+#     specialisation.  The interpreter never raises it.
+_fitted: dict[tuple, int] = {}
+
+
+def _attempts(cfg, inner: str) -> list:
+    """``cfg``, then fewer stages, then the ``inner`` tile halved (down to 16) at each stage count."""
+    out = [dataclasses.replace(cfg, num_stages=s) for s in range(cfg.num_stages, 0, -1)]
+    tile = getattr(cfg, inner) // 2
+    while tile >= 16:
+        out += [dataclasses.replace(cfg, num_stages=s, **{inner: tile}) for s in range(cfg.num_stages, 0, -1)]
+        tile //= 2
+    return out
+
+
+def _launch(kernel, key: tuple, attempts: list, launch_one) -> None:
+    """Run ``launch_one(attempt)`` for the first attempt the device accepts (Note [fitting the device])."""
+    from triton.runtime.errors import OutOfResources
+
+    start = _fitted.get(key, 0)
+    error = None
+    for i in range(start, len(attempts)):
+        try:
+            launch_one(attempts[i])
+        except OutOfResources as e:
+            error = e
+            continue
+        _fitted[key] = i
+        return
+    raise error
+
+
+def _fit_key(name: str, hooks, **meta) -> tuple:
+    return (name, hooks.key) + tuple(sorted((k, v) for k, v in meta.items()))
+
+
 def _hooks(score: Expr, mask: Expr | None, captured, needs_grad, q, k, backward: bool):
     metas = captured_meta_of(captured, needs_grad)
     bounds = IndexBounds.bucketed(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -152,8 +194,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     if sparsity is not None:
         _check_sparsity(sparsity, q, k)
     hooks = _hooks(score, mask, captured, None, q, k, backward=False)
-    cfg = configs.forward_config(max(d, dv), q.dtype, q.device)
-    block_m, block_n, q_mult, kv_mult = _tiles(sparsity, cfg.block_m, cfg.block_n, q_len, kv_len)
+    cfg = configs.forward_config(max(d, dv), q.dtype, q.device, heavy=hooks.heavy)
     tables, num_strides, idx_strides = _table_args(sparsity, lse, forward=True)
     cap_ptrs, cap_strides = _captured_args(captured)
     if row_select is not None:
@@ -163,21 +204,28 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         rs_strides = rs.stride()
     else:
         rs, rs_strides = lse, (0, 0, 0)
-    even_n = kv_len % (block_n * kv_mult) == 0
-    grid = (triton_cdiv(q_len, block_m), hq, batch)
-    _attn_fwd[grid](
-        q, k, v, out, lse, rs, *tables, cap_ptrs, cap_strides,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *rs_strides,
-        *num_strides, *idx_strides,
-        q_len, kv_len, float(scale),
-        SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod,
+    meta = dict(
         HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, IS_SPARSE=sparsity is not None,
         HAS_ROW_SELECT=row_select is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
-        SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult, EVEN_M=q_len % block_m == 0, EVEN_N=even_n,
-        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
+        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands())
+
+    def launch_one(c):
+        block_m, block_n, q_mult, kv_mult = _tiles(sparsity, c.block_m, c.block_n, q_len, kv_len)
+        grid = (triton_cdiv(q_len, block_m), hq, batch)
+        _attn_fwd[grid](
+            q, k, v, out, lse, rs, *tables, cap_ptrs, cap_strides,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *rs_strides,
+            *num_strides, *idx_strides,
+            q_len, kv_len, float(scale),
+            SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, **meta,
+            BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult,
+            EVEN_M=q_len % block_m == 0, EVEN_N=kv_len % (block_n * kv_mult) == 0,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+
+    key = _fit_key("fwd", hooks, cfg=cfg, dtype=q.dtype, device=str(q.device), **meta)
+    _launch(_attn_fwd, key, _attempts(cfg, "block_n"), launch_one)
     return out, lse
 
 
@@ -215,7 +263,7 @@ def _decode_fixed_point(grad_f: torch.Tensor, fixed: torch.Tensor, max_bits: tor
 
     e_max = ((max_bits >> 23) & 0xFF) - 126
     e_cnt = ((count.to(torch.float32).view(torch.int32) >> 23) & 0xFF) - 126
-    k = 62 - FIXED_POINT_GUARD_BITS - e_max - e_cnt
+    k = 62 - FIXED_POINT_GUARD_BITS.value - e_max - e_cnt
     val = torch.ldexp(fixed.to(torch.float64), (-k).to(torch.float64))
     finite = max_bits < 0x7F800000
     return torch.where(finite, val, grad_f.to(torch.float64))
@@ -259,7 +307,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len,
         HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim))
 
-    cfg = configs.backward_config(max(d, dv_dim), q.dtype, device)
+    cfg = configs.backward_config(max(d, dv_dim), q.dtype, device, heavy=hooks.heavy)
     cap_ptrs, cap_strides = _captured_args(captured)
     bufs = _grad_buffers(captured, grad_needs, hooks, deterministic, delta)
     grads = tuple(b[0] for b in bufs)
@@ -269,35 +317,45 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     grad_strides = tuple(int(s) for t in captured for s in torch.empty(t.shape, device="meta").stride())
     mode_dkdv = 2 if (any_grad and deterministic) else 0
     mode_dq = (3 if deterministic else 1) if any_grad else 0
-    common = dict(
-        SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, SCORE_GRAD=hooks.score_grad,
-        CAPTURED_GRAD=hooks.captured_grad, HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask,
-        HAS_SCORE_GRAD=hooks.has_score_grad, IS_SPARSE=sparsity is not None, GQA_GROUP=gqa_group,
-        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv_dim),
-        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    meta = dict(
+        HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, HAS_SCORE_GRAD=hooks.has_score_grad,
+        IS_SPARSE=sparsity is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv_dim,
+        BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv_dim),
+        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands())
+    fns = dict(SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, SCORE_MOD_GRAD=hooks.score_mod_grad,
+               CAPTURED_GRAD=hooks.captured_grad)
     grad_args = (cap_ptrs, cap_strides, grads, fixed, max_bits, counts, grad_strides)
+    fit = dict(cfg=cfg, dtype=q.dtype, device=str(device), **meta)
 
     # dK / dV: programs own a kv tile of one kv head and visit every query head of its group
-    block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, cfg.block_m1, cfg.block_n1, q_len, kv_len)
     tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=False)
-    _attn_bwd_dkdv[(triton_cdiv(kv_len, block_n1), hkv, batch)](
-        q, k, v, grad_out, dk, dv, lse2, delta, *tables, *grad_args,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *num_strides, *idx_strides, hq, q_len, kv_len, float(scale),
-        GRAD_MODE=mode_dkdv, BLOCK_M=block_m1, BLOCK_N=block_n1, SPARSE_Q_MULT=q_mult1, SPARSE_KV_MULT=kv_mult1,
-        EVEN_M=q_len % (block_m1 * q_mult1) == 0, EVEN_N=kv_len % block_n1 == 0, **common)
+
+    def launch_dkdv(c):
+        block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, c.block_m1, c.block_n1, q_len, kv_len)
+        _attn_bwd_dkdv[(triton_cdiv(kv_len, block_n1), hkv, batch)](
+            q, k, v, grad_out, dk, dv, lse2, delta, *tables, *grad_args,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *num_strides, *idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
+            GRAD_MODE=mode_dkdv, BLOCK_M=block_m1, BLOCK_N=block_n1, SPARSE_Q_MULT=q_mult1, SPARSE_KV_MULT=kv_mult1,
+            EVEN_M=q_len % (block_m1 * q_mult1) == 0, EVEN_N=kv_len % block_n1 == 0,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    _launch(_attn_bwd_dkdv, _fit_key("dkdv", hooks, mode=mode_dkdv, **fit), _attempts(cfg, "block_m1"), launch_dkdv)
 
     # dQ: programs own a q tile; captured gradients accumulate here
-    block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, cfg.block_m2, cfg.block_n2, q_len, kv_len)
     tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=True)
-    _attn_bwd_dq[(triton_cdiv(q_len, block_m2), hq, batch)](
-        q, k, v, grad_out, dq, lse2, delta, *tables, *grad_args,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        *num_strides, *idx_strides, hq, q_len, kv_len, float(scale),
-        GRAD_MODE=mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2, SPARSE_KV_MULT=kv_mult2,
-        EVEN_M=q_len % block_m2 == 0, EVEN_N=kv_len % (block_n2 * kv_mult2) == 0, **common)
+
+    def launch_dq(c):
+        block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
+        _attn_bwd_dq[(triton_cdiv(q_len, block_m2), hq, batch)](
+            q, k, v, grad_out, dq, lse2, delta, *tables, *grad_args,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            *num_strides, *idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
+            GRAD_MODE=mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2, SPARSE_KV_MULT=kv_mult2,
+            EVEN_M=q_len % block_m2 == 0, EVEN_N=kv_len % (block_n2 * kv_mult2) == 0,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    _launch(_attn_bwd_dq, _fit_key("dq", hooks, mode=mode_dq, **fit), _attempts(cfg, "block_n2"), launch_dq)
 
     for i, t in enumerate(captured):
         if not grad_needs[i]:
