@@ -105,7 +105,8 @@ def attention_forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Ten
         lse_fallback = torch.where(soft_rows, lse_fb, -math.inf)
     else:
         lse_fallback = lse.new_empty(0)
-    if spec.fully_masked_rows == "eager":
+    if spec.fully_masked_rows == "eager" and spec.mask is not None:
+        # only a hard mask can leave a row with no entry at all
         out = _poison_rows(out, _no_hard_entry(lse, lse_fallback))
     return out, lse, lse_fallback
 
@@ -117,7 +118,8 @@ def _poison_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     ``where`` over all of ``t``, which is ~40x slower on CPU (torch 2.13).
     """
     poison = torch.where(rows, math.nan, 0.0).to(t.dtype)
-    return t + poison.view(*rows.shape, *([1] * (t.dim() - rows.dim())))
+    # in place: ``t`` is always a fresh result of this module, and a copy would double peak memory
+    return t.add_(poison.view(*rows.shape, *([1] * (t.dim() - rows.dim()))))
 
 
 def attention_backward(spec: AttentionSpec, q, k, v, out, lse, lse_fallback, grad_out,
@@ -139,7 +141,7 @@ def attention_backward(spec: AttentionSpec, q, k, v, out, lse, lse_fallback, gra
                                               deterministic)
         dq, dk, dv = dq + fq, dk + fk, dv + fv
         dcap = [a if b is None else a + b for a, b in zip(dcap, fcap)]
-    if spec.fully_masked_rows == "eager":
+    if spec.fully_masked_rows == "eager" and spec.mask is not None:
         dq, dk, dv, dcap = _nan_like_eager(spec, q, k, _no_hard_entry(lse, lse_fallback), dq, dk, dv, dcap,
                                            captured, needs)
     return dq, dk, dv, dcap
