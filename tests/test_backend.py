@@ -179,3 +179,34 @@ def test_opcheck():
     table = torch.randn(2, 15, requires_grad=True)
     torch.library.opcheck(torch.ops.attn_inductor.attention.default,
                           (q, k, v, [table], spec.to_json(), default_config()))
+
+
+class _Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def test_autograd_function_graph_is_left_to_inductor_with_correct_gradients():
+    """Note [higher-order ops]: re-tracing would drop the Function's backward; we must refuse instead."""
+    _fresh()
+    lin = nn.Linear(8, 8)
+
+    def f(x):
+        h = _Double.apply(lin(x))
+        q = h.view(1, 2, 4, 4)
+        return (torch.softmax(q @ q.mT, -1) @ q).sum()
+
+    x = torch.randn(4, 8)
+    torch.compile(f, backend="flexattn")(x).backward()
+    g_ours = lin.weight.grad.clone()
+    lin.zero_grad()
+    f(x).backward()
+    torch.testing.assert_close(g_ours, lin.weight.grad)
+    report = attn_inductor.explain(f, x)
+    assert len(report.sites) == 1 and not report.sites[0].rewritten
+    assert "higher-order op `autograd_function_apply`" in report.sites[0].reason

@@ -55,6 +55,22 @@ def _record(report: SiteReport) -> None:
 _graph_counter = [0]
 
 
+def _softmax_calls(gm: fx.GraphModule) -> list[str]:
+    """Names of softmax calls in a Dynamo graph and its subgraphs (checkpointed regions included)."""
+    import torch.nn.functional as F
+
+    targets = {torch.softmax, F.softmax, torch.special.softmax, torch._softmax}
+    names = []
+    for mod in gm.modules():
+        if not isinstance(mod, fx.GraphModule):
+            continue
+        for node in mod.graph.nodes:
+            if (node.op == "call_function" and node.target in targets) or \
+                    (node.op == "call_method" and node.target == "softmax"):
+                names.append(node.name)
+    return names
+
+
 def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
                   ) -> tuple[fx.GraphModule | None, list[SiteReport]]:
     """Capture and rewrite every attention site.  Returns (aten graph or None, reports)."""
@@ -64,9 +80,10 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
     try:
         aten_gm = capture_aten_graph(gm, example_inputs)
     except CaptureError as exc:
-        # we cannot see inside; if there might be attention, say so
-        reports.append(SiteReport(graph=graph_id, site=0, node=None, rewritten=False,
-                                  reason=f"graph not captured: {exc}"))
+        # we cannot see inside; if there is a softmax, there may be attention: say so
+        for i, name in enumerate(_softmax_calls(gm)):
+            reports.append(SiteReport(graph=graph_id, site=i, node=name, rewritten=False,
+                                      reason=f"graph not captured: {exc}"))
         return None, reports
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}

@@ -62,21 +62,12 @@ def describe_match(graph_id: int, site: int, m: AttentionMatch, real_inputs: dic
         impl = f"error: {exc}"
     rep = SiteReport(
         graph=graph_id, site=site, node=m.softmax.name, rewritten=True, score=desc["score"], mask=desc["mask"],
-        scale=m.spec.scale, q_shape=_bhld(m.q_shape, m.out_rank), k_shape=_bhld(m.k_shape, m.out_rank),
-        v_shape=_bhld(m.v_shape, m.out_rank), gqa_group=m.spec.gqa_group, implementation=impl,
+        scale=m.spec.scale, q_shape=tuple(m.q_shape), k_shape=tuple(m.k_shape),
+        v_shape=tuple(m.v_shape), gqa_group=m.spec.gqa_group, implementation=impl,
         captured=[f"{n}{list(node_shape(c))}" for n, c in zip(names, m.captured)],
     )
     _fill_sparsity(rep, m, real_inputs, device, impl)
     return rep
-
-
-def _bhld(shape, rank):
-    shape = tuple(shape)
-    if rank == 3:
-        return (shape[0], 1) + shape[1:]
-    if rank == 2:
-        return (1, 1) + shape
-    return shape
 
 
 def _fill_sparsity(rep: SiteReport, m: AttentionMatch, real_inputs: dict, device, impl: str) -> None:

@@ -22,7 +22,20 @@ class CaptureError(RuntimeError):
     """The graph could not be re-traced at aten level; the caller falls back to stock Inductor."""
 
 
+def _refuse_higher_order_ops(gm: torch.fx.GraphModule) -> None:
+    """Note [higher-order ops]: ``make_fx`` inlines an ``autograd.Function`` (or a checkpointed region)
+    as plain ops run under no_grad, which would silently drop its backward.  Such graphs are left to
+    stock Inductor whole, until capture learns to keep those regions opaque."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            name = getattr(node.target, "__name__", str(node.target))
+            raise CaptureError(
+                f"graph contains the higher-order op `{name}` (an autograd.Function, activation "
+                f"checkpointing, ...); re-tracing it would lose its backward")
+
+
 def capture_aten_graph(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
+    _refuse_higher_order_ops(gm)
     fakes = _compat.placeholder_fakes(gm)
     fake_mode = _compat.fake_mode_of_graph(gm)
     if fake_mode is None or len(fakes) != len(example_inputs) or any(f is None for f in fakes):

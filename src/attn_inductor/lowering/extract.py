@@ -119,7 +119,7 @@ class Extractor:
     """
 
     def __init__(self, graph_module: fx.GraphModule, score_node: fx.Node, score_index: Sequence[Expr],
-                 score_value: Expr | None = None):
+                 score_value: Expr | None = None, index_ranges: dict | None = None):
         self.gm = graph_module
         self.score_node = score_node
         self.score_index = tuple(score_index)
@@ -129,8 +129,8 @@ class Extractor:
         self._order = {n: i for i, n in enumerate(graph_module.graph.nodes)}
         self.score_dependent = self._descendants(score_node)
         shape = node_shape(score_node)
-        self.index_ranges = {ix.name: (0, n - 1) for ix, n in zip(self.score_index, shape)
-                             if isinstance(ix, E.Index)}
+        self.index_ranges = index_ranges if index_ranges is not None else {
+            ix.name: (0, n - 1) for ix, n in zip(self.score_index, shape) if isinstance(ix, E.Index)}
 
     # -- helpers -------------------------------------------------------------
     def _descendants(self, root: fx.Node) -> set[fx.Node]:

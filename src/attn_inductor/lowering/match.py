@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 
 from . import expr as E
-from .extract import (CASTS, IDENTITY, MATMULS, ExtractionError, Extractor, _ops, node_dtype, node_shape)
+from .extract import (CASTS, IDENTITY, MATMULS, VIEW_LIKE, ExtractionError, Extractor, _ops, node_dtype,
+                      node_shape, reshape_index)
 from .spec import AttentionSpec
 
 aten = torch.ops.aten
@@ -59,8 +60,8 @@ class AttentionMatch:
     v: Operand
     captured: list[fx.Node]
     spec: AttentionSpec
-    out_rank: int                # rank of the P·V output (4, 3 or 2)
-    q_shape: tuple
+    out_shape: tuple             # shape of the P·V output the op's [B, H, Lq, Dv] result is reshaped to
+    q_shape: tuple               # kernel layouts: [B, Hq, Lq, D], [B, Hkv, Lk, D], [B, Hkv, Lk, Dv]
     k_shape: tuple
     v_shape: tuple
 
@@ -83,6 +84,10 @@ def _strip_forward(node: fx.Node):
         u = users[0]
         if u.op == "call_function" and (u.target in CASTS or u.target in IDENTITY):
             cur = u
+            continue
+        if (u.op == "call_function" and u.target in VIEW_LIKE
+                and node_shape(u)[-2:] == node_shape(cur)[-2:] and len(node_shape(u)) >= 2):
+            cur = u  # [B, H, Lq, Lk] <-> [B*H, Lq, Lk]: leading dims only
             continue
         if u.op == "call_function" and u.target == aten.dropout.default:
             train = u.args[2] if len(u.args) > 2 else u.kwargs.get("train", False)
@@ -150,30 +155,32 @@ def _match(gm, softmax: fx.Node, fully_masked_rows: str):
     a, v_node, kind = _matmul_operands(pv)
     if a is not last:
         return MatchFailure("probabilities are the right operand of the matmul (expected P·V)", pv.name)
+    p_shape = node_shape(last)
     if kind[0] == "einsum":
         roles = _einsum_roles(kind[1])
         if roles is None:
             return MatchFailure(f"einsum '{kind[1]}' is not a two-operand contraction", pv.name)
         lhs, rhs, out = roles
-        if not (len(lhs) == rank and lhs[:-2] == out[:-2] == rhs[:-2] and rhs[-2] == lhs[-1]
+        if not (len(lhs) == len(p_shape) and lhs[:-2] == out[:-2] == rhs[:-2] and rhs[-2] == lhs[-1]
                 and out[-2] == lhs[-2] and out[-1] == rhs[-1]):
             return MatchFailure(f"einsum '{kind[1]}' is not P·V over the key dimension", pv.name)
     out_shape = node_shape(pv)
-    if len(out_shape) != rank:
-        return MatchFailure("P·V output rank differs from the scores' rank", pv.name)
+    if out_shape[:-1] != p_shape[:-1] or len(node_shape(v_node)) != len(p_shape):
+        return MatchFailure("P·V broadcasts the probabilities or V over batch dims", pv.name)
 
     # ---- backward: find the Q·Kᵀ node
-    score_node = _find_score_node(x, node_shape(x))
+    sm_shape = node_shape(softmax)
+    score_node = _find_score_node(x, sm_shape)
     if score_node is None:
         return MatchFailure("no Q·Kᵀ matmul found feeding the softmax", softmax.name)
     s_shape = node_shape(score_node)
-    if len(s_shape) != rank:
-        return MatchFailure("Q·Kᵀ rank differs from the softmax rank (scores are broadcast or reshaped)",
-                            score_node.name)
     qa, kb, skind = _matmul_operands(score_node)
 
-    # ---- operands as [B, H, L, D]
-    q_op, k_op, err = _qk_operands(qa, kb, skind, rank, score_node)
+    # ---- kernel layout [B, H, L, D] from the softmax's leading dims
+    B, Hq = {4: sm_shape[:2], 3: (sm_shape[0], 1), 2: (1, 1)}[rank]
+    Lq, Lk = sm_shape[-2:]
+
+    q_op, k_op, err = _qk_operands(qa, kb, skind, len(s_shape), score_node)
     if err:
         return err
     v_op = _v_operand(v_node, rank)
@@ -184,20 +191,30 @@ def _match(gm, softmax: fx.Node, fully_masked_rows: str):
     v_op, _ = _normalize_operand(v_op, allow_scale=False)
 
     # GQA: un-repeat K and V
-    q_op, k_op, v_op, group, err = _gqa(q_op, k_op, v_op, rank)
+    q_op, k_op, v_op, group, err = _gqa(q_op, k_op, v_op, len(s_shape))
     if err:
         return err
+    if Hq % group:
+        return MatchFailure(f"{Hq} query heads are not a multiple of the GQA group {group}", score_node.name)
+    Hkv = Hq // group
+    D = _op_shape(q_op)[-1]
+    Dv = _op_shape(v_op)[-1]
+    q_shape, k_shape, v_shape = (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)
+    for name, op, want in (("Q", q_op, q_shape), ("K", k_op, k_shape), ("V", v_op, v_shape)):
+        have = _op_shape(op)
+        if math.prod(have) != math.prod(want) or tuple(have[-2:]) != tuple(want[-2:]):
+            return MatchFailure(f"{name} of shape {list(have)} does not reshape to the kernel's {list(want)} "
+                                "(broadcast batch or heads)", score_node.name)
 
     # ---- the score expression, in the softmax index space
     index = {4: (E.b, E.h, E.q_idx, E.kv_idx), 3: (E.b, E.q_idx, E.kv_idx), 2: (E.q_idx, E.kv_idx)}[rank]
-    score_value = E.score
-    if skind[0] == "baddbmm":
-        score_value = None  # handled below
-    ex = Extractor(gm, score_node, index, score_value)
+    ranges = {ix.name: (0, n - 1) for ix, n in zip(index, sm_shape)}
+    score_index = tuple(index) if s_shape == sm_shape else reshape_index(s_shape, sm_shape, index)
+    ex = Extractor(gm, score_node, score_index, E.score, index_ranges=ranges)
     if skind[0] == "baddbmm":
         beta = score_node.kwargs.get("beta", 1)
         alpha = score_node.kwargs.get("alpha", 1)
-        bias = ex.operand(score_node.args[0], index, s_shape, "float32")
+        bias = ex.operand(score_node.args[0], score_index, s_shape, "float32")
         ex.score_value = E.call("add", E.call("mul", E.call("to", bias, dtype="float32"), E.const(beta, "float32"),
                                               dtype="float32"),
                                 E.call("mul", E.score, E.const(alpha, "float32"), dtype="float32"), dtype="float32")
@@ -205,14 +222,13 @@ def _match(gm, softmax: fx.Node, fully_masked_rows: str):
     full = ex.express(x, index)
     full = E.call("to", full, dtype="float32") if full.dtype != "float32" else full
 
-    # rank 3: flattened batch*heads -> b stays b (H = 1); rank 2: no batch at all
     spec = _build_spec(full, q_scale * k_scale, group, len(ex.captured), fully_masked_rows)
     if isinstance(spec, MatchFailure):
         spec.node = spec.node or softmax.name
         return spec
     return AttentionMatch(
         softmax=softmax, output=pv, q=q_op, k=k_op, v=v_op, captured=list(ex.captured), spec=spec,
-        out_rank=rank, q_shape=_op_shape(q_op), k_shape=_op_shape(k_op), v_shape=_op_shape(v_op),
+        out_shape=out_shape, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape,
     )
 
 
@@ -225,9 +241,10 @@ def _find_score_node(x: fx.Node, shape) -> fx.Node | None:
             if not isinstance(n, fx.Node) or n in seen:
                 continue
             seen.add(n)
-            if n.op == "call_function" and n.target in MATMULS and node_shape(n)[-2:] == tuple(shape[-2:]):
-                if len(node_shape(n)) == len(shape):
-                    return n
+            ns = node_shape(n)
+            if (n.op == "call_function" and n.target in MATMULS and len(ns) >= 2 and ns[-2:] == tuple(shape[-2:])
+                    and math.prod(ns) == math.prod(shape)):
+                return n
             if n.op == "call_function":
                 for a in n.all_input_nodes:
                     nxt.append(a)

@@ -18,18 +18,22 @@ from .match import AttentionMatch, Operand
 aten = torch.ops.aten
 
 
-def _operand_node(graph: fx.Graph, op: Operand, rank: int) -> fx.Node:
+def _operand_node(graph: fx.Graph, op: Operand, shape: tuple) -> fx.Node:
     node = op.node
     if isinstance(node, tuple):  # ("squeeze2", n): [B, Hkv, 1, L, D] -> [B, Hkv, L, D]
         node = graph.call_function(aten.squeeze.dim, (node[1], 2))
     if op.transposed:
         node = graph.call_function(aten.transpose.int, (node, -2, -1))
-    if rank == 3:
-        node = graph.call_function(aten.unsqueeze.default, (node, 1))
-    elif rank == 2:
-        node = graph.call_function(aten.unsqueeze.default, (node, 0))
-        node = graph.call_function(aten.unsqueeze.default, (node, 0))
+    have = _shape_of(op)
+    if tuple(have) != tuple(shape):
+        node = graph.call_function(aten.reshape.default, (node, list(shape)))
     return node
+
+
+def _shape_of(op: Operand) -> tuple:
+    from .match import _op_shape
+
+    return tuple(_op_shape(op))
 
 
 def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str) -> fx.Node:
@@ -37,19 +41,17 @@ def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str) ->
     graph = gm.graph
     pv = match.output
     with graph.inserting_before(pv):
-        q = _operand_node(graph, match.q, match.out_rank)
-        k = _operand_node(graph, match.k, match.out_rank)
-        v = _operand_node(graph, match.v, match.out_rank)
+        q = _operand_node(graph, match.q, match.q_shape)
+        k = _operand_node(graph, match.k, match.k_shape)
+        v = _operand_node(graph, match.v, match.v_shape)
         call = graph.call_function(
             torch.ops.attn_inductor.attention.default,
             (q, k, v, list(match.captured), match.spec.to_json(), config),
         )
         out = graph.call_function(operator.getitem, (call, 0))
-        if match.out_rank == 3:
-            out = graph.call_function(aten.squeeze.dim, (out, 1))
-        elif match.out_rank == 2:
-            out = graph.call_function(aten.squeeze.dim, (out, 0))
-            out = graph.call_function(aten.squeeze.dim, (out, 0))
+        out_shape = match.q_shape[:3] + match.v_shape[3:]
+        if tuple(match.out_shape) != tuple(out_shape):
+            out = graph.call_function(aten.reshape.default, (out, list(match.out_shape)))
     pv.replace_all_uses_with(out)
     graph.erase_node(pv)
     return call

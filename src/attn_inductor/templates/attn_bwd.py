@@ -23,10 +23,23 @@ Kernels
                            by the program: no atomics.  Works on transposed tiles
                            (kv along rows) as the Triton tutorial does.
     _attn_bwd_dq           one program per (q tile, head, batch) over the forward
-                           table's kv tiles; dQ owned by the program.
+                           table's kv tiles; dQ owned by the program.  With
+                           DELTA_PASS it computes DELTA instead (Note [exact delta]).
     Captured-tensor gradients (Note [captured gradients] in hook_lib): mode 1 in the
     dQ kernel; deterministic mode runs pass 2 in the dK/dV kernel and pass 3 in the
     dQ kernel, so it costs no extra launch.
+
+Note [exact delta]
+    Flash attention takes DELTA = rowsum(dO * OUT) with OUT already rounded to
+    the input dtype.  That rounding error is the same for every entry of a row
+    and enters every dS of it; dQ, dK and dV tolerate it, but a captured
+    tensor's gradient sums dS over many rows (an ALiBi slope over the whole
+    [Q_LEN, KV_LEN] square), where it adds up coherently: emulated at S=2048
+    with bf16 it was 1.9x eager's error, against 4e-5x with the exact value.
+    So when captured gradients are requested the dQ kernel first runs with
+    DELTA_PASS, computing DELTA = rowsum(P * dP) in fp32 over the same tiles
+    (two of the backward's seven tile matmuls again, ~30% more backward time),
+    and everything downstream uses it.
 
 Note [dead rows in the backward]
     A row with LSE = -inf (nothing passed the mask, or not selected) contributes
@@ -245,8 +258,12 @@ def _attn_bwd_dq_inner(
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, K_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+    DELTA_PASS: tl.constexpr,
 ):
-    """One kv tile against the program's q tile ([q, kv] orientation)."""
+    """One kv tile against the program's q tile ([q, kv] orientation).
+
+    With DELTA_PASS, ``dq`` is the [BLOCK_M] accumulator of rowsum(P * dP) (Note [exact delta]).
+    """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_ok = offs_n < KV_LEN
     d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
@@ -257,7 +274,7 @@ def _attn_bwd_dq_inner(
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     s = qk * scale
-    if HAS_SCORE_GRAD:
+    if HAS_SCORE_GRAD and not DELTA_PASS:
         mod, dmod = SCORE_MOD_GRAD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
         x = mod * LOG2E
     elif HAS_SCORE_MOD:
@@ -271,16 +288,20 @@ def _attn_bwd_dq_inner(
     p = tl.exp2(x - lse2[:, None])
     vT = lib.widen_for_dot(load_2d(vT_ptrs + start64 * stride_vn, dv_ok, kv_ok, EVEN_DV, EVEN_N), FP32_OPERANDS)
     dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    if GRAD_MODE != 0:
-        live = q_ok[:, None] & kv_ok[None, :]
-        if APPLY_MASK:
-            live = live & keep
-        CAPTURED_GRAD(ds, s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], live, CAPTURED, STRIDES,
-                      GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 1, GRAD_MODE)
-    if HAS_SCORE_GRAD:
-        ds = ds * dmod
-    dq = tl.dot(lib.as_dot_operand(ds, K_DTYPE, FP32_OPERANDS), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+    if DELTA_PASS:
+        dq = dq + tl.sum(p * dp, 1)
+    else:
+        ds = p * (dp - delta[:, None])
+        if GRAD_MODE != 0:
+            live = q_ok[:, None] & kv_ok[None, :]
+            if APPLY_MASK:
+                live = live & keep
+            CAPTURED_GRAD(ds, s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], live, CAPTURED,
+                          STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 1, GRAD_MODE)
+        if HAS_SCORE_GRAD:
+            ds = ds * dmod
+        dq = tl.dot(lib.as_dot_operand(ds, K_DTYPE, FP32_OPERANDS), tl.trans(kT), dq,
+                    input_precision=INPUT_PRECISION)
     return dq
 
 
@@ -302,7 +323,7 @@ def _attn_bwd_dq(
     IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, DELTA_PASS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -350,7 +371,10 @@ def _attn_bwd_dq(
         FULL_IDX = KV_IDX
         PART_IDX = KV_IDX
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DELTA_PASS:
+        dq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for it in range(0, n_full):
         start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
         dq = _attn_bwd_dq_inner(
@@ -359,7 +383,7 @@ def _attn_bwd_dq(
             CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
             SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
             EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
-            INPUT_PRECISION, FP32_OPERANDS)
+            INPUT_PRECISION, FP32_OPERANDS, DELTA_PASS)
     for it in range(0, n_part):
         start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
         dq = _attn_bwd_dq_inner(
@@ -368,8 +392,12 @@ def _attn_bwd_dq(
             CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
             SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
             EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
-            INPUT_PRECISION, FP32_OPERANDS)
+            INPUT_PRECISION, FP32_OPERANDS, DELTA_PASS)
 
-    dq = dq * scale
-    store_2d(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             lib.cast_for_store(dq, DQ.dtype.element_ty, FP32_OPERANDS), q_ok, offs_d < HEAD_DIM, EVEN_M, EVEN_D)
+    if DELTA_PASS:  # Note [exact delta]; dead rows (LSE2 = +inf) get 0 even when dO has NaN
+        tl.store(DELTA + row + offs_m, tl.where(lse2 == float("inf"), 0.0, dq), mask=q_ok)
+    else:
+        dq = dq * scale
+        store_2d(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm
+                 + offs_d[None, :] * stride_dqd, lib.cast_for_store(dq, DQ.dtype.element_ty, FP32_OPERANDS), q_ok,
+                 offs_d < HEAD_DIM, EVEN_M, EVEN_D)

@@ -327,6 +327,23 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     grad_args = (cap_ptrs, cap_strides, grads, fixed, max_bits, counts, grad_strides)
     fit = dict(cfg=cfg, dtype=q.dtype, device=str(device), **meta)
 
+    # dQ: programs own a q tile; captured gradients accumulate here
+    fwd_tables, fwd_num_strides, fwd_idx_strides = _table_args(sparsity, delta, forward=True)
+
+    def launch_dq(c, delta_pass=False):
+        block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
+        _attn_bwd_dq[(triton_cdiv(q_len, block_m2), hq, batch)](
+            q, k, v, grad_out, dq, lse2, delta, *fwd_tables, *grad_args,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            *fwd_num_strides, *fwd_idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
+            GRAD_MODE=0 if delta_pass else mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2,
+            SPARSE_KV_MULT=kv_mult2, EVEN_M=q_len % block_m2 == 0, EVEN_N=kv_len % (block_n2 * kv_mult2) == 0,
+            DELTA_PASS=delta_pass, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    if any_grad:  # Note [exact delta] in attn_bwd.py: overwrite the preprocess's DELTA before anything reads it
+        _launch(_attn_bwd_dq, _fit_key("delta", hooks, **fit), _attempts(cfg, "block_n2"),
+                lambda c: launch_dq(c, delta_pass=True))
+
     # dK / dV: programs own a kv tile of one kv head and visit every query head of its group
     tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=False)
 
@@ -341,19 +358,6 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
             num_warps=c.num_warps, num_stages=c.num_stages)
 
     _launch(_attn_bwd_dkdv, _fit_key("dkdv", hooks, mode=mode_dkdv, **fit), _attempts(cfg, "block_m1"), launch_dkdv)
-
-    # dQ: programs own a q tile; captured gradients accumulate here
-    tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=True)
-
-    def launch_dq(c):
-        block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
-        _attn_bwd_dq[(triton_cdiv(q_len, block_m2), hq, batch)](
-            q, k, v, grad_out, dq, lse2, delta, *tables, *grad_args,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            *num_strides, *idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
-            GRAD_MODE=mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2, SPARSE_KV_MULT=kv_mult2,
-            EVEN_M=q_len % block_m2 == 0, EVEN_N=kv_len % (block_n2 * kv_mult2) == 0,
-            num_warps=c.num_warps, num_stages=c.num_stages)
 
     _launch(_attn_bwd_dq, _fit_key("dq", hooks, mode=mode_dq, **fit), _attempts(cfg, "block_n2"), launch_dq)
 
