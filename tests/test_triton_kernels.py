@@ -59,12 +59,26 @@ def _reload_kernels():
         importlib.reload(importlib.import_module(name))
 
 
+def _language_namespaces():
+    import triton.language as tl
+
+    return (tl, tl.core, tl.math, tl.core.tensor)
+
+
 @contextlib.contextmanager
 def triton_interpreter():
-    """The kernels as interpreted functions for the duration; everything restored afterwards."""
+    """The kernels as interpreted functions for the duration; everything restored afterwards.
+
+    Besides the reloads, ``triton.language``'s namespaces are snapshotted and put
+    back: the interpreter patches builtins when a device function runs and, for
+    functions whose module sees ``triton.language.core`` (``tl.sum`` & co. once
+    reloaded above), never restores them (Triton 3.9), which broke the real
+    compiler later in the same process.
+    """
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
+    saved = [(ns, dict(vars(ns))) for ns in _language_namespaces()]
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     std_reloaded = not isinstance(tl.standard.zeros, InterpretedFunction)
@@ -78,6 +92,10 @@ def triton_interpreter():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
+        for ns, attrs in saved:
+            for name, value in attrs.items():
+                if vars(ns).get(name) is not value:
+                    setattr(ns, name, value)
         if std_reloaded:
             _reload_triton_standard()
             _reload_kernels()
@@ -170,8 +188,7 @@ def reference(q, k, v, captured, *, score, mask, scale, gqa_group=1, precise=Tru
         q, kk, vv = q.double(), kk.double(), vv.double()
         captured = [t.double() if t.is_floating_point() else t for t in captured]
     s = (q @ kk.transpose(-1, -2)).to(acc) * scale
-    idx = {"b": torch.arange(b).view(b, 1, 1, 1), "h": torch.arange(hq).view(1, hq, 1, 1),
-           "q_idx": torch.arange(lq).view(1, 1, lq, 1), "kv_idx": torch.arange(lk).view(1, 1, 1, lk)}
+    idx = _indices(b, hq, lq, lk, q.device)
     mod = E.evaluate(_widen(score, acc), idx, captured, score_value=s).to(acc)
     mod = torch.broadcast_to(mod, s.shape)
     keep = torch.ones_like(s, dtype=torch.bool)
@@ -188,13 +205,18 @@ def reference(q, k, v, captured, *, score, mask, scale, gqa_group=1, precise=Tru
     return out, lse
 
 
-def causal_block_map(pred, *, batch, heads, q_len, kv_len, block_m, block_n, captured=()):
+def _indices(b, h, lq, lk, device="cpu"):
+    return {"b": torch.arange(b, device=device).view(b, 1, 1, 1), "h": torch.arange(h, device=device).view(1, h, 1, 1),
+            "q_idx": torch.arange(lq, device=device).view(1, 1, lq, 1),
+            "kv_idx": torch.arange(lk, device=device).view(1, 1, 1, lk)}
+
+
+def causal_block_map(pred, *, batch, heads, q_len, kv_len, block_m, block_n, captured=(), device="cpu"):
     """Brute force: FULL / PARTIAL / EMPTY per tile from the dense predicate ([B, H, NQ, NK])."""
-    idx = {"b": torch.arange(batch).view(batch, 1, 1, 1), "h": torch.arange(heads).view(1, heads, 1, 1),
-           "q_idx": torch.arange(q_len).view(1, 1, q_len, 1), "kv_idx": torch.arange(kv_len).view(1, 1, 1, kv_len)}
+    idx = _indices(batch, heads, q_len, kv_len, device)
     keep = torch.broadcast_to(E.evaluate(pred, idx, list(captured)), (batch, heads, q_len, kv_len))
     nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
-    out = torch.empty(batch, heads, nq, nk, dtype=torch.int8)
+    out = torch.empty(batch, heads, nq, nk, dtype=torch.int8, device=device)
     for i in range(nq):
         for j in range(nk):
             t = keep[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
@@ -216,13 +238,13 @@ def sparsity_for(mask, q, k, captured, block=16, kind="map"):
 # ----------------------------------------------------------------------------- harness
 
 
-def _inputs(b, hq, hkv, lq, lk, d, dtype, dv=None, seed=0):
+def _inputs(b, hq, hkv, lq, lk, d, dtype, dv=None, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     dv = dv or d
-    q = torch.randn(b, hq, lq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
-    do = torch.randn(b, hq, lq, dv, generator=g).to(dtype)
+    q = torch.randn(b, hq, lq, d, generator=g).to(device, dtype)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(device, dtype)
+    v = torch.randn(b, hkv, lk, dv, generator=g).to(device, dtype)
+    do = torch.randn(b, hq, lq, dv, generator=g).to(device, dtype)
     return q, k, v, do
 
 
@@ -336,6 +358,25 @@ def test_low_precision(dtype):
     table = torch.randn(2, 33 + 40 - 1, generator=torch.Generator().manual_seed(3))
     check_case(q, k, v, do, [table], [True], score=relbias_score(40), mask=causal_mask(offset=7), scale=0.25,
                gqa_group=2)
+
+
+def test_low_precision_alibi_slope_gradient():
+    """A gradient summed over the whole score square (Note [exact delta] in attn_bwd.py)."""
+    q, k, v, do = _inputs(1, 2, 2, 40, 40, 16, torch.bfloat16)
+    check_case(q, k, v, do, [torch.tensor([0.3, 0.6])], [True], score=alibi_score(), mask=sliding_mask(9),
+               scale=0.25)
+
+
+def test_production_block_sparsity():
+    """Tables from the masks package's analysis, as the runtime passes them."""
+    from attn_inductor.masks.block_sparsity import get_block_sparsity
+
+    q, k, v, do = _inputs(2, 2, 2, 40, 40, 16, torch.float32)
+    doc = torch.tensor([[0] * 10 + [1] * 20 + [2] * 10, [0] * 25 + [1] * 15])
+    bm, bn = launch.preferred_blocks(q, k, v)
+    sp = get_block_sparsity(document_mask(), batch=2, heads=2, q_len=40, kv_len=40, captured=[doc], block_m=bm,
+                            block_n=bn, device=q.device)
+    check_case(q, k, v, do, [doc], [False], score=E.score, mask=document_mask(), scale=0.25, sparsity=sp)
 
 
 def test_value_head_dim_differs():

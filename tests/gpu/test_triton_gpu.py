@@ -1,0 +1,178 @@
+"""The Triton kernels on a CUDA GPU at real shapes (run on the H100/H200: ``pytest -m gpu tests/gpu``).
+
+The same checks as ``tests/test_triton_kernels.py`` (fp64 oracle, numerics rule,
+the same score/mask expressions), with S = 1024-4096, D = 64/128, bf16, block
+sparsity from the production analysis (``masks.get_block_sparsity``) at the
+launcher's preferred blocks; then the speed target: at least 90% of
+FlexAttention's throughput for B=2, H=16, S=8192, D=128 bf16, forward and
+forward + backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from attn_inductor.lowering import expr as E  # noqa: E402
+from attn_inductor.runtime import block_sparsity_for  # noqa: E402
+from attn_inductor.templates import launch  # noqa: E402
+from tests.test_triton_kernels import (  # noqa: E402
+    _inputs, alibi_score, causal_mask, check_case, document_mask, relbias_score, sliding_mask, softcap_score)
+
+CUDA = "cuda"
+
+
+def production_sparsity(mask, q, k, captured):
+    """What the runtime passes: dense FULL without a mask, else the masks package's analysis."""
+    bm, bn = launch.preferred_blocks(q, k, k)
+    return block_sparsity_for(mask, q, k, captured, bm, bn)
+
+
+def run(b, hq, hkv, lq, lk, d, *, score, mask, captured=(), needs=(), dtype=torch.bfloat16, dv=None, **kw):
+    q, k, v, do = _inputs(b, hq, hkv, lq, lk, d, dtype, dv=dv, device=CUDA)
+    captured = [t.to(CUDA) for t in captured]
+    sp = production_sparsity(mask, q, k, captured)
+    return check_case(q, k, v, do, captured, list(needs), score=score, mask=mask, scale=d ** -0.5,
+                      gqa_group=hq // hkv, sparsity=sp, **kw)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_no_mask(d):
+    run(1, 4, 4, 2048, 2048, d, score=E.score, mask=None)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_causal(d):
+    run(1, 2, 2, 4096, 4096, d, score=E.score, mask=causal_mask())
+
+
+def test_sliding_window():
+    run(1, 2, 2, 4096, 4096, 64, score=E.score, mask=sliding_mask(512))
+
+
+def test_alibi_learned_slopes():
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / 4) for i in range(4)])
+    run(1, 4, 4, 2048, 2048, 128, score=alibi_score(), mask=causal_mask(), captured=[slopes], needs=[True])
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_relative_bias_table(deterministic):
+    table = torch.randn(4, 2 * 1024 - 1)
+    run(1, 4, 4, 1024, 1024, 64, score=relbias_score(1024), mask=None, captured=[table], needs=[True],
+        deterministic=deterministic)
+
+
+def test_softcap():
+    run(1, 2, 2, 2048, 2048, 128, score=softcap_score(20.0), mask=causal_mask())
+
+
+def test_document_ids():
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate([1000, 2000, 96, 1000])]).repeat(2, 1)
+    run(2, 2, 2, 4096, 4096, 64, score=E.score, mask=document_mask(), captured=[doc], needs=[False])
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_gqa(group):
+    run(1, 8, 8 // group, 2048, 2048, 128, score=E.score, mask=causal_mask())
+
+
+def test_odd_lengths_and_head_dim():
+    run(1, 2, 1, 1000, 1537, 80, score=E.score, mask=causal_mask(offset=537))
+
+
+def test_row_select():
+    sel = torch.zeros(1, 2, 2048, dtype=torch.bool, device=CUDA)
+    sel[:, :, 100:700] = True
+    run(1, 2, 2, 2048, 2048, 128, score=E.score, mask=causal_mask(), row_select=sel)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fp32(tf32, monkeypatch):
+    # eager (the bar of the numerics rule) runs its matmuls under the same setting
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    run(1, 2, 2, 1024, 1024, 64, score=E.score, mask=causal_mask(), dtype=torch.float32)
+
+
+def test_deterministic_backward_repeats_bitwise():
+    q, k, v, do = _inputs(1, 4, 4, 2048, 2048, 64, torch.bfloat16, device=CUDA)
+    table = torch.randn(4, 4095, device=CUDA)
+    slopes = torch.linspace(0.1, 0.5, 4, device=CUDA)
+    score = E.call("add", relbias_score(2048, 0), E.call("sub", alibi_score(1), E.score, dtype="float32"),
+                   dtype="float32")
+    caps = [table, slopes]
+    sp = production_sparsity(causal_mask(), q, k, caps)
+    kw = dict(score=score, mask=causal_mask(), scale=0.125, gqa_group=1, sparsity=sp)
+    out, lse = launch.core_forward(q, k, v, caps, **kw)
+    first = launch.core_backward(q, k, v, out, lse, do, caps, [True, True], deterministic=True, **kw)
+    for _ in range(3):
+        again = launch.core_backward(q, k, v, out, lse, do, caps, [True, True], deterministic=True, **kw)
+        for a, b in zip(list(first[:3]) + list(first[3]), list(again[:3]) + list(again[3])):
+            assert torch.equal(a, b)
+
+
+def test_nan_in_query_row_propagates():
+    q, k, v, _ = _inputs(1, 2, 2, 2048, 2048, 128, torch.bfloat16, device=CUDA)
+    q[0, 1, 700, 5] = math.nan
+    out, lse = launch.core_forward(q, k, v, [], score=E.score, mask=causal_mask(), scale=0.1, gqa_group=1,
+                                   sparsity=production_sparsity(causal_mask(), q, k, []))
+    assert bool(out[0, 1, 700].isnan().all())
+    assert int(out.isnan().any(-1).sum()) == 1
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def _flex(mask_kind):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    if mask_kind == "causal":
+        bm = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 8192, 8192, device=CUDA, _compile=True)
+    else:
+        bm = None
+    return lambda q, k, v: compiled(q, k, v, block_mask=bm)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "full"])
+def test_speed_vs_flex_attention(mask_kind):
+    """B=2, H=16, S=8192, D=128 bf16: at least 90% of FlexAttention's speed, forward and forward + backward."""
+    from triton.testing import do_bench
+
+    b, h, s, d = 2, 16, 8192, 128
+    q, k, v, do = _inputs(b, h, h, s, s, d, torch.bfloat16, device=CUDA)
+    mask = causal_mask() if mask_kind == "causal" else None
+    sp = production_sparsity(mask, q, k, [])
+    kw = dict(score=E.score, mask=mask, scale=d ** -0.5, gqa_group=1, sparsity=sp)
+
+    def ours_fwd():
+        return launch.core_forward(q, k, v, [], **kw)
+
+    out, lse = ours_fwd()
+
+    def ours_fwd_bwd():
+        o, l_ = launch.core_forward(q, k, v, [], **kw)
+        return launch.core_backward(q, k, v, o, l_, do, [], [], **kw)
+
+    flex = _flex(mask_kind)
+    qf, kf, vf = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+    def flex_fwd_bwd():
+        flex(qf, kf, vf).backward(do)
+
+    with torch.no_grad():
+        t_flex_fwd = do_bench(lambda: flex(q, k, v))
+    t_ours_fwd = do_bench(ours_fwd)
+    t_flex_all = do_bench(flex_fwd_bwd)
+    t_ours_all = do_bench(ours_fwd_bwd)
+    density = 0.5 if mask_kind == "causal" else 1.0
+    flops = 4 * b * h * s * s * d * density
+    print(f"\n{mask_kind}: forward ours {t_ours_fwd:.3f} ms ({flops / t_ours_fwd / 1e9:.0f} TF/s), "
+          f"flex {t_flex_fwd:.3f} ms; fwd+bwd ours {t_ours_all:.3f} ms ({3.5 * flops / t_ours_all / 1e9:.0f} TF/s), "
+          f"flex {t_flex_all:.3f} ms")
+    assert t_ours_fwd <= t_flex_fwd / 0.9, "forward slower than 90% of FlexAttention"
+    assert t_ours_all <= t_flex_all / 0.9, "forward + backward slower than 90% of FlexAttention"
