@@ -379,6 +379,12 @@ def test_production_block_sparsity():
     check_case(q, k, v, do, [doc], [False], score=E.score, mask=document_mask(), scale=0.25, sparsity=sp)
 
 
+@pytest.mark.parametrize("d", [96, 112, 192])
+def test_padded_head_dims(d):
+    q, k, v, do = _inputs(1, 1, 1, 17, 20, d, torch.float32)
+    check_case(q, k, v, do, [], [], score=E.score, mask=causal_mask(offset=3), scale=d ** -0.5)
+
+
 def test_value_head_dim_differs():
     q, k, v, do = _inputs(1, 2, 2, 20, 24, 16, torch.float32, dv=48)
     check_case(q, k, v, do, [], [], score=E.score, mask=causal_mask(offset=4), scale=0.25)
@@ -479,3 +485,33 @@ def test_hooks_cached_and_dumped(tmp_path, monkeypatch):
     dumped = list(tmp_path.glob("attn_inductor_hooks_*.py"))
     assert len(dumped) == 1 and dumped[0].read_text() == first.source
     assert "lib.tanh" in first.source and "def mask_mod" in first.source
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_combinations(seed):
+    """Shapes, dtypes, masks, score mods, GQA and table blocks drawn together."""
+    import random
+
+    rnd = random.Random(seed)
+    group = rnd.choice([1, 2, 4])
+    hq = group * rnd.choice([1, 2])
+    lq, lk = rnd.choice([1, 5, 17, 33, 48]), rnd.choice([3, 16, 31, 50])
+    d = rnd.choice([16, 24, 80])
+    dtype = rnd.choice([torch.float32, torch.bfloat16, torch.float16])
+    q, k, v, do = _inputs(rnd.choice([1, 2]), hq, hq // group, lq, lk, d, dtype, dv=rnd.choice([None, 32]), seed=seed)
+    masks = {"none": None, "causal": causal_mask(offset=lk - lq), "window": sliding_mask(7)}
+    mask = masks[rnd.choice(list(masks))]
+    kind = rnd.choice(["plain", "alibi", "relbias", "softcap"])
+    captured, needs, score = [], [], E.score
+    if kind == "alibi":
+        captured, needs, score = [torch.linspace(0.1, 0.4, hq)], [True], alibi_score()
+    elif kind == "relbias":
+        captured, needs, score = [torch.randn(hq, lq + lk - 1)], [True], relbias_score(lk)
+    elif kind == "softcap":
+        score = softcap_score(3.0)
+    block = rnd.choice([16, 32])
+    sp = None if rnd.random() < 0.2 else (
+        dense(block_m=block, block_n=block, q_len=lq, kv_len=lk, kind=FULL) if mask is None else
+        causal_block_map(mask, batch=1, heads=1, q_len=lq, kv_len=lk, block_m=block, block_n=block))
+    check_case(q, k, v, do, captured, needs, score=score, mask=mask, scale=d ** -0.5, gqa_group=group, sparsity=sp,
+               deterministic=rnd.random() < 0.3)

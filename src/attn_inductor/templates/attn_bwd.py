@@ -325,7 +325,7 @@ def _attn_bwd_dq(
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, DELTA_PASS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) q tiles first, as in the forward
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hkv = off_h // GQA_GROUP

@@ -166,7 +166,8 @@ def _attn_fwd(
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # last q tiles first: under causal-like masks they visit the most kv tiles (shorter tail)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hkv = off_h // GQA_GROUP

@@ -74,6 +74,12 @@ def _check(q, k, v, gqa_group: int) -> None:
         raise RuntimeError("the Triton kernels take CPU tensors only under TRITON_INTERPRET=1 (set before import)")
 
 
+def _check_captured(captured, device) -> None:
+    for i, t in enumerate(captured):
+        if t.device != device:
+            raise ValueError(f"captured tensor {i} is on {t.device}, the inputs on {device}")
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not _compat.fp32_matmul_allows_tf32():
         return "ieee"
@@ -193,6 +199,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         return out, lse
     if sparsity is not None:
         _check_sparsity(sparsity, q, k)
+    _check_captured(captured, q.device)
     hooks = _hooks(score, mask, captured, None, q, k, backward=False)
     cfg = configs.forward_config(max(d, dv), q.dtype, q.device, heavy=hooks.heavy)
     tables, num_strides, idx_strides = _table_args(sparsity, lse, forward=True)
@@ -292,6 +299,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         return dq.zero_(), dk.zero_(), dv.zero_(), dcap
     if sparsity is not None:
         _check_sparsity(sparsity, q, k)
+    _check_captured(captured, device)
     float_needs = [n and t.is_floating_point() for t, n in zip(captured, needs)]
     hooks = _hooks(score, mask, captured, float_needs, q, k, backward=True)
     grad_needs = [n and hooks.grad_loads[i] > 0 for i, n in enumerate(float_needs)]
