@@ -162,3 +162,22 @@ def test_fp32_and_odd_shapes(sm90):
     _run(sm90, E.score, _causal(), dtype=torch.float32, sparsity=None)
     _run(sm90, E.score, None, d=256, dv=64, sparsity="dense")
     _run(sm90, E.score, None, lq=1, sparsity="dense")
+
+
+def test_every_float_op(sm90):
+    """The printer's libdevice / tl spellings of every float op compile (interpreter uses portable ones)."""
+    def f(op, *args):
+        return E.call(op, *args, dtype=F32)
+
+    x = f("mul", E.score, E.const(0.3, F32))
+    pos = f("add", f("abs", x), E.const(1.0, F32))
+    terms = [f(op, x) for op in ("sigmoid", "erf", "exp", "exp2", "expm1", "sin", "cos", "tanh", "neg", "round",
+                                 "floor", "ceil", "trunc", "sign")]
+    terms += [f(op, pos) for op in ("log", "log2", "log1p", "sqrt", "rsqrt", "reciprocal")]
+    terms += [f("pow", pos, E.const(1.5, F32)), f("minimum", x, E.const(0.2, F32)),
+              f("floordiv", x, E.const(0.7, F32)), f("remainder", x, E.const(0.7, F32)),
+              E.call("to", f("mul", x, E.const(3.0, F32)), dtype="bfloat16")]
+    score = E.score
+    for t in terms:
+        score = f("add", score, E.call("to", t, dtype=F32))
+    _run(sm90, score, _causal())

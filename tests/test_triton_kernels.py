@@ -259,13 +259,13 @@ def check_case(q, k, v, do, captured, needs_grad, *, score, mask, scale, gqa_gro
     def run_ref(precise):
         leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
         caps = [t.detach().clone().requires_grad_(n) for t, n in zip(captured, needs_grad)]
-        o, l = reference(*leaves, caps, score=score, mask=mask, scale=scale, gqa_group=gqa_group,
-                         precise=precise, row_select=row_select)
+        o, lse_ref = reference(*leaves, caps, score=score, mask=mask, scale=scale, gqa_group=gqa_group,
+                               precise=precise, row_select=row_select)
         grads = None
         if backward:
             (o * do.to(o.dtype)).sum().backward()
             grads = [t.grad for t in leaves] + [c.grad if n else None for c, n in zip(caps, needs_grad)]
-        return o.detach(), l.detach(), grads
+        return o.detach(), lse_ref.detach(), grads
 
     o64, l64, g64 = run_ref(True)
     olp, llp, glp = run_ref(False)
@@ -467,6 +467,37 @@ def test_printer_aten_semantics():
     s = E.call("maximum", s, E.call("log1p", E.call("abs", s, dtype=F32), dtype=F32), dtype=F32)
     mask = E.call("ne", rem, _c(3), dtype=BOOL)
     check_case(q, k, v, do, [], [], score=s, mask=mask, scale=0.5, backward=False)
+
+
+def test_printer_float_ops():
+    """Every float op of the IR through the kernel; smooth ones also through the backward."""
+    q, k, v, do = _inputs(1, 2, 2, 33, 33, 16, torch.float32)
+
+    def f(op, *args):
+        return E.call(op, *args, dtype=F32)
+
+    x = f("mul", E.score, E.const(0.3, F32))
+    pos = f("add", f("abs", x), E.const(1.0, F32))
+    smooth = [f("sigmoid", x), f("erf", x), f("exp", x), f("exp2", x), f("log", pos), f("log2", pos),
+              f("log1p", f("abs", x)), f("expm1", x), f("sqrt", pos), f("rsqrt", pos), f("sin", x), f("cos", x),
+              f("tanh", x), f("reciprocal", pos), f("neg", x), f("pow", pos, E.const(1.5, F32)),
+              f("minimum", x, E.const(0.2, F32)), f("maximum", x, E.const(-0.2, F32)),
+              f("truediv", x, pos)]
+    score = E.score
+    for term in smooth:
+        score = f("add", score, f("mul", term, E.const(0.05, F32)))
+    check_case(q, k, v, do, [], [], score=score, mask=causal_mask(), scale=0.5)
+
+    # piecewise-constant ops on exact (index-derived) values, ties included: forward only
+    rel = E.call("to", E.call("sub", E.q_idx, E.kv_idx, dtype=I64), dtype=F32)
+    half = f("mul", rel, E.const(0.5, F32))
+    steps = [f("round", half), f("floor", half), f("ceil", half), f("trunc", half), f("sign", half),
+             f("floordiv", rel, E.const(-2.5, F32)), f("remainder", rel, E.const(2.5, F32)),
+             f("abs", half)]
+    score = E.score
+    for term in steps:
+        score = f("add", score, f("mul", term, E.const(0.05, F32)))
+    check_case(q, k, v, do, [], [], score=score, mask=None, scale=0.5, backward=False)
 
 
 def test_head_dim_too_large_is_refused():

@@ -200,7 +200,8 @@ def _attn_bwd_dkdv(
         off_h = off_hkv * GQA_GROUP + g
         h64 = off_h.to(tl.int64)
         qT_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_d[:, None] * stride_qd + offs_m0[None, :] * stride_qm
-        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        do_ptrs = (DO + b64 * stride_dob + h64 * stride_doh + offs_m0[:, None] * stride_dom
+                   + offs_dv[None, :] * stride_dod)
         LSE2_ROW = LSE2 + (b64 * HQ + h64) * Q_LEN
         DELTA_ROW = DELTA + (b64 * HQ + h64) * Q_LEN
         if IS_SPARSE:

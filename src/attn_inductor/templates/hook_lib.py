@@ -166,10 +166,9 @@ def pow_float(a, b):
         return libdevice.pow(a, b)
     else:
         r = tl.exp2(b * tl.log2(tl.abs(a)))
-        b_int = tl.floor(b) == b
-        b_odd = b_int & ((b - 2.0 * tl.floor(b * 0.5)) != 0)
-        r = tl.where((a < 0) & b_odd, -r, r)
-        r = tl.where((a < 0) & (~b_int), float("nan"), r)
+        b_mod_2 = b - 2.0 * tl.floor(b * 0.5)  # 0 or 1 for integral exponents
+        sign = tl.where(b_mod_2 == 1.0, -1.0, tl.where(b_mod_2 == 0.0, 1.0, float("nan")))
+        r = tl.where(a < 0, r * sign, r)
         return tl.where(b == 0, 1.0, r)
 
 

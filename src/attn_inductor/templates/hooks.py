@@ -477,11 +477,10 @@ class _Printer:
             if not is_float:
                 raise UnsupportedHook("integer-typed truediv")
             return self.finish(e, f"({av} / {bv})", ct)
-        if op == "floordiv":
-            fn = "lib.floordiv_float" if is_float else "lib.floordiv_int"
-            return self.finish(e, f"{fn}({self.value(a, ct, tensor=True)}, {bv})", ct)
-        if op == "remainder":
-            fn = "lib.remainder_float" if is_float else "lib.remainder_int"
+        if op in ("floordiv", "remainder"):
+            fn = f"lib.{op}_{'float' if is_float else 'int'}"
+            # integer divisors stay literals (division by a constant folds); float helpers need tensors
+            bv = self.value(b, ct, tensor=True) if is_float else bv
             return self.finish(e, f"{fn}({self.value(a, ct, tensor=True)}, {bv})", ct)
         if op in ("minimum", "maximum"):
             fn = "tl.minimum" if op == "minimum" else "tl.maximum"
@@ -491,7 +490,8 @@ class _Printer:
         if op == "pow":
             if not is_float:
                 raise UnsupportedHook("integer pow")
-            return self.finish(e, f"lib.pow_float({self.value(a, ct, tensor=True)}, {bv})", ct)
+            return self.finish(e, f"lib.pow_float({self.value(a, ct, tensor=True)}, "
+                                  f"{self.value(b, ct, tensor=True)})", ct)
         raise UnsupportedHook(f"op {op}")
 
 
