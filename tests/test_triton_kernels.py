@@ -546,3 +546,30 @@ def test_random_combinations(seed):
         causal_block_map(mask, batch=1, heads=1, q_len=lq, kv_len=lk, block_m=block, block_n=block))
     check_case(q, k, v, do, captured, needs, score=score, mask=mask, scale=d ** -0.5, gqa_group=group, sparsity=sp,
                deterministic=rnd.random() < 0.3)
+
+
+def test_runtime_composition_matches_cpu_core():
+    """runtime.py composes the Triton core exactly as it composes the CPU core (soft masks, NaN rows)."""
+    from attn_inductor import cpu, runtime
+    from attn_inductor.lowering.spec import AttentionSpec
+
+    fmin = torch.finfo(torch.float32).min
+    pad = E.Load(0, (E.b, E.kv_idx), BOOL)
+    full = E.call("add", alibi_score(1),
+                  E.call("where", pad, E.const(0.0, F32), E.const(fmin, F32), dtype=F32), dtype=F32)
+    spec = AttentionSpec(score_live=alibi_score(1), mask=causal_mask(), soft_mask=pad, score_full=full,
+                         scale=0.3, num_captured=2)
+    q, k, v, do = _inputs(2, 2, 2, 19, 19, 16, torch.float32)
+    padding = torch.ones(2, 19, dtype=torch.bool)
+    padding[0, :4] = False
+    padding[1] = False  # every row of batch 1 falls back to the hard (causal) mask
+    captured = [padding, torch.tensor([0.2, 0.5])]
+    got = runtime.attention_forward(spec, q, k, v, captured, launch)
+    want = runtime.attention_forward(spec, q, k, v, captured, cpu)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, equal_nan=True)
+    out, lse, lse_fb = got
+    g_got = runtime.attention_backward(spec, q, k, v, out, lse, lse_fb, do, captured, [False, True], launch)
+    g_want = runtime.attention_backward(spec, q, k, v, out, lse, lse_fb, do, captured, [False, True], cpu)
+    for a, b in zip(list(g_got[:3]) + g_got[3][1:], list(g_want[:3]) + g_want[3][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)

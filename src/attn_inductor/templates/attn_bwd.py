@@ -2,10 +2,12 @@
 
 Notation (as in attn_fwd.py, plus)
     dO          gradient of OUT                     [B, HQ, Q_LEN, HEAD_DIM_V]
-    LSE2        = LSE * log2(e), and +inf on rows whose LSE is -inf, so that
-                  P = 2^(x - LSE2) is exactly 0 there (Note [dead rows in the backward])
+    LSE_X       = LSE in the forward's exponent units (LSE * log2(e) without a score
+                  mod, LSE with one: Note [exponent units] in attn_fwd.py), and +inf
+                  on rows whose LSE is -inf so that P is exactly 0 there
+                  (Note [dead rows in the backward])
     DELTA       = rowsum(dO * OUT)                  fp32 [B, HQ, Q_LEN]
-    P           = 2^(x - LSE2)                      recomputed, never stored
+    P           = E(x - LSE_X)                      recomputed, never stored
     dP          = dO @ V^T
     dS_mod      = P * (dP - DELTA)                  gradient w.r.t. the modified score
     dS          = dS_mod * d(score_mod)/ds          gradient w.r.t. s = scale * q·k; the
@@ -15,7 +17,7 @@ Notation (as in attn_fwd.py, plus)
     BLOCK_M, BLOCK_N    the tiles of the kernel at hand (dK/dV and dQ choose their own)
 
 Kernels
-    _attn_bwd_preprocess   DELTA and LSE2, one program per (q tile, head, batch).
+    _attn_bwd_preprocess   DELTA and LSE_X, one program per (q tile, head, batch).
     _attn_bwd_dkdv         one program per (kv tile, kv head, batch): loops over the
                            GQA_GROUP query heads that share the kv head and, for each,
                            over the q tiles of the transposed sparsity table (FULL ones
@@ -43,7 +45,7 @@ Note [exact delta]
 
 Note [dead rows in the backward]
     A row with LSE = -inf (nothing passed the mask, or not selected) contributes
-    nothing: LSE2 = +inf gives P = 2^(x - inf) = 0 and then dS = 0.  Padded rows
+    nothing: LSE_X = +inf gives P = E(x - inf) = 0 and then dS = 0.  Padded rows
     and columns past Q_LEN / KV_LEN are set to x = -inf where they could reach a
     stored result (q bounds in dK/dV, kv bounds in dQ), so a NaN a hook computes
     from a masked-out load never leaks into the gradients; captured-gradient
@@ -61,12 +63,12 @@ from .attn_fwd import LOG2E, load_2d, mask_scores, store_2d, tile_start
 
 @triton.jit
 def _attn_bwd_preprocess(
-    OUT, DO, LSE, DELTA, LSE2,
+    OUT, DO, LSE, DELTA, LSE_X,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
     HQ, Q_LEN,
-    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BASE2: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -82,10 +84,12 @@ def _attn_bwd_preprocess(
                  q_ok, dv_ok, False, False).to(tl.float32)
     delta = tl.sum(o * do, 1)
     lse = tl.load(LSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, mask=q_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # Note [dead rows in the backward]
+    if BASE2:  # no score mod: the forward's exponents are base 2 (Note [exponent units])
+        lse = lse * LOG2E
+    lse_x = tl.where(lse == float("-inf"), float("inf"), lse)  # Note [dead rows in the backward]
     row = (b64 * HQ + h64) * Q_LEN
     tl.store(DELTA + row + offs_m, delta, mask=q_ok)
-    tl.store(LSE2 + row + offs_m, lse2, mask=q_ok)
+    tl.store(LSE_X + row + offs_m, lse_x, mask=q_ok)
 
 
 # ----------------------------------------------------------------------------- dK / dV
@@ -93,7 +97,7 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+    dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
     stride_qm, stride_dom, Q_LEN, scale,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
@@ -111,25 +115,27 @@ def _attn_bwd_dkdv_inner(
     start64 = start_m.to(tl.int64)
     qT = lib.widen_for_dot(load_2d(qT_ptrs + start64 * stride_qm, d_ok, q_ok, EVEN_D, EVEN_M), FP32_OPERANDS)
     if EVEN_M:
-        lse2 = tl.load(LSE2_ROW + offs_m)
+        lse_x = tl.load(LSE_X_ROW + offs_m)
     else:
-        lse2 = tl.load(LSE2_ROW + offs_m, mask=q_ok, other=float("inf"))
+        lse_x = tl.load(LSE_X_ROW + offs_m, mask=q_ok, other=float("inf"))
     qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
     q_idx = offs_m[None, :]
     kv_idx = offs_n[:, None]
     sT = qkT * scale
-    if HAS_SCORE_GRAD:
-        modT, dmodT = SCORE_MOD_GRAD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
-        xT = modT * LOG2E
+    if HAS_SCORE_GRAD:  # natural units with a score mod (Note [exponent units])
+        xT, dmodT = SCORE_MOD_GRAD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
     elif HAS_SCORE_MOD:
-        xT = SCORE_MOD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES) * LOG2E
+        xT = SCORE_MOD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
     else:
         xT = qkT * (scale * LOG2E)
     keep = q_ok[None, :]
     if APPLY_MASK:
         keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
     xT = mask_scores(xT, keep, q_ok[None, :], APPLY_MASK, not EVEN_M)
-    pT = tl.exp2(xT - lse2[None, :])
+    if HAS_SCORE_MOD:
+        pT = tl.exp2((xT - lse_x[None, :]) * LOG2E)
+    else:
+        pT = tl.exp2(xT - lse_x[None, :])
     do = lib.widen_for_dot(load_2d(do_ptrs + start64 * stride_dom, q_ok, dv_ok, EVEN_M, EVEN_DV), FP32_OPERANDS)
     dv = tl.dot(lib.as_dot_operand(pT, DO_DTYPE, FP32_OPERANDS), do, dv, input_precision=INPUT_PRECISION)
     if EVEN_M:
@@ -152,7 +158,7 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE2, DELTA,
+    Q, K, V, DO, DK, DV, LSE_X, DELTA,
     Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -202,7 +208,7 @@ def _attn_bwd_dkdv(
         qT_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_d[:, None] * stride_qd + offs_m0[None, :] * stride_qm
         do_ptrs = (DO + b64 * stride_dob + h64 * stride_doh + offs_m0[:, None] * stride_dom
                    + offs_dv[None, :] * stride_dod)
-        LSE2_ROW = LSE2 + (b64 * HQ + h64) * Q_LEN
+        LSE_X_ROW = LSE_X + (b64 * HQ + h64) * Q_LEN
         DELTA_ROW = DELTA + (b64 * HQ + h64) * Q_LEN
         if IS_SPARSE:
             num_off = off_b * stride_nb + off_h * stride_nh + sp_col * stride_nn
@@ -220,7 +226,7 @@ def _attn_bwd_dkdv(
         for it in range(0, n_full):
             start_m = tile_start(FULL_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
                 stride_qm, stride_dom, Q_LEN, scale,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
@@ -229,7 +235,7 @@ def _attn_bwd_dkdv(
         for it in range(0, n_part):
             start_m = tile_start(PART_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, qT_ptrs, do_ptrs, LSE2_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
                 stride_qm, stride_dom, Q_LEN, scale,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
@@ -251,7 +257,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+    dq, q, do, lse_x, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
     stride_kn, stride_vn, KV_LEN, scale,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
@@ -275,18 +281,20 @@ def _attn_bwd_dq_inner(
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     s = qk * scale
-    if HAS_SCORE_GRAD and not DELTA_PASS:
-        mod, dmod = SCORE_MOD_GRAD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
-        x = mod * LOG2E
+    if HAS_SCORE_GRAD and not DELTA_PASS:  # natural units with a score mod (Note [exponent units])
+        x, dmod = SCORE_MOD_GRAD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
     elif HAS_SCORE_MOD:
-        x = SCORE_MOD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES) * LOG2E
+        x = SCORE_MOD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
     else:
         x = qk * (scale * LOG2E)
     keep = kv_ok[None, :]
     if APPLY_MASK:
         keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
     x = mask_scores(x, keep, kv_ok[None, :], APPLY_MASK, not EVEN_N)
-    p = tl.exp2(x - lse2[:, None])
+    if HAS_SCORE_MOD:
+        p = tl.exp2((x - lse_x[:, None]) * LOG2E)
+    else:
+        p = tl.exp2(x - lse_x[:, None])
     vT = lib.widen_for_dot(load_2d(vT_ptrs + start64 * stride_vn, dv_ok, kv_ok, EVEN_DV, EVEN_N), FP32_OPERANDS)
     dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
     if DELTA_PASS:
@@ -308,7 +316,7 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE2, DELTA,
+    Q, K, V, DO, DQ, LSE_X, DELTA,
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -346,10 +354,10 @@ def _attn_bwd_dq(
     do = lib.widen_for_dot(do, FP32_OPERANDS)
     row = (b64 * HQ + h64) * Q_LEN
     if EVEN_M:
-        lse2 = tl.load(LSE2 + row + offs_m)
+        lse_x = tl.load(LSE_X + row + offs_m)
         delta = tl.load(DELTA + row + offs_m)
     else:
-        lse2 = tl.load(LSE2 + row + offs_m, mask=q_ok, other=float("inf"))
+        lse_x = tl.load(LSE_X + row + offs_m, mask=q_ok, other=float("inf"))
         delta = tl.load(DELTA + row + offs_m, mask=q_ok, other=0.0)
     K_BASE = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
     V_BASE = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
@@ -379,7 +387,7 @@ def _attn_bwd_dq(
     for it in range(0, n_full):
         start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+            dq, q, do, lse_x, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
             stride_kn, stride_vn, KV_LEN, scale,
             CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
             SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
@@ -388,15 +396,15 @@ def _attn_bwd_dq(
     for it in range(0, n_part):
         start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+            dq, q, do, lse_x, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
             stride_kn, stride_vn, KV_LEN, scale,
             CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
             SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
             EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
             INPUT_PRECISION, FP32_OPERANDS, DELTA_PASS)
 
-    if DELTA_PASS:  # Note [exact delta]; dead rows (LSE2 = +inf) get 0 even when dO has NaN
-        tl.store(DELTA + row + offs_m, tl.where(lse2 == float("inf"), 0.0, dq), mask=q_ok)
+    if DELTA_PASS:  # Note [exact delta]; dead rows (LSE_X = +inf) get 0 even when dO has NaN
+        tl.store(DELTA + row + offs_m, tl.where(lse_x == float("inf"), 0.0, dq), mask=q_ok)
     else:
         dq = dq * scale
         store_2d(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm

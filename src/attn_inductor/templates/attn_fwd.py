@@ -10,12 +10,13 @@ Notation
                         is visited as SPARSE_KV_MULT consecutive kv tiles in one flat
                         loop (one loop keeps the software pipeliner working)
     s     = scale * q·k                fp32, what the hooks call `score`
-    x     = SCORE_MOD(s, ...) * log2(e)          with a score mod
-          = q·k * (scale * log2(e))              without one (one multiply)
-    m_i   running max of x over the row          l_i   running sum of 2^(x - m_i)
-    acc   running sum of 2^(x - m_i) * v         fp32 [BLOCK_M, BLOCK_DV]
+    x     = q·k * (scale * log2(e))    without a score mod: base-2 units, one multiply
+          = SCORE_MOD(s, ...)          with one: natural units (Note [exponent units])
+    E(t)  = 2^t without a score mod, 2^(t * log2(e)) = e^t with one
+    m_i   running max of x over the row          l_i   running sum of E(x - m_i)
+    acc   running sum of E(x - m_i) * v          fp32 [BLOCK_M, BLOCK_DV]
     OUT   = acc / l_i                  in v's dtype
-    LSE   = (m_i + log2(l_i)) * ln(2)  fp32, natural log
+    LSE   = m_i + ln(l_i) in natural units       fp32
 
 Program: one (q tile, query head, batch).  It walks the FULL kv blocks of its q
 block (no mask code at all), then the PARTIAL ones (mask hook per entry); EMPTY
@@ -30,6 +31,16 @@ Note [fully masked rows]
     OUT = 0 (not 0/0) and LSE = -inf.  The runtime turns such rows into what the
     spec asks (NaN for eager's -inf masks).  NaN in q, k or v still reaches
     OUT: a NaN score makes 2^(x - m) NaN, and l_i with it.
+
+Note [exponent units]
+    Folding log2(e) into the scores (x = s * log2 e, then 2^(x - m)) saves a
+    multiply per entry, but a score mod can produce scores near finfo.min (an
+    additive finfo.min mask): times log2(e) they overflow to -inf, and a row
+    whose every entry is finfo.min (eager: a uniform softmax over them) would
+    look fully masked.  So with a score mod the max is kept in natural units
+    and only the difference is scaled, 2^((x - m) * log2 e), which cannot
+    overflow to a wrong answer.  Without a score mod |q·k * scale| is far from
+    overflow and the folded form is used.  The backward follows the same rule.
 
 Note [row select]
     With ROW_SELECT, unselected rows come out as OUT = 0, LSE = -inf; a q tile
@@ -124,9 +135,8 @@ def _attn_fwd_inner(
     qk = tl.dot(q, lib.widen_for_dot(k, FP32_OPERANDS), input_precision=INPUT_PRECISION)
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
-    if HAS_SCORE_MOD:
-        s = SCORE_MOD(qk * scale, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
-        x = s * LOG2E
+    if HAS_SCORE_MOD:  # natural units, Note [exponent units]
+        x = SCORE_MOD(qk * scale, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
     else:
         x = qk * (scale * LOG2E)
     keep = kv_ok[None, :]
@@ -135,8 +145,12 @@ def _attn_fwd_inner(
     x = mask_scores(x, keep, kv_ok[None, :], APPLY_MASK, not EVEN_N)
     m_new = tl.maximum(m_i, tl.max(x, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # Note [fully masked rows]
-    p = tl.exp2(x - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
+    if HAS_SCORE_MOD:
+        p = tl.exp2((x - m_use[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_use) * LOG2E)
+    else:
+        p = tl.exp2(x - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = load_2d(v_ptrs + start64 * stride_vn, kv_ok, dv_ok, EVEN_N, EVEN_DV)  # [BLOCK_N, BLOCK_DV]
     acc = acc * alpha[:, None]
@@ -234,7 +248,11 @@ def _attn_fwd(
     # Note [fully masked rows]
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    log2_l = tl.log2(tl.where(empty, 1.0, l_i))
+    if HAS_SCORE_MOD:  # Note [exponent units]
+        lse = tl.where(empty, float("-inf"), m_i + log2_l * LN2)
+    else:
+        lse = tl.where(empty, float("-inf"), (m_i + log2_l) * LN2)
     if HAS_ROW_SELECT:
         out = tl.where(selected[:, None], out, 0.0)
         lse = tl.where(selected, lse, float("-inf"))

@@ -38,8 +38,10 @@ Numerics (the IR's dtypes are eager's):
   columns may compute out-of-range indices); loads that depend only on
   ``b``/``h`` are unmasked scalar loads.
 
-What it does not do: integer ``pow``, score-dependent ``pow`` exponents in the
-backward (``E.diff`` refuses them), captured tensors of dtype float64 in grads.
+What it does not do: integer ``pow``, integer-typed ``truediv`` (both raise
+:class:`UnsupportedHook`), score-dependent ``pow`` exponents in the backward
+(``E.diff`` refuses them).  Captured gradients accumulate in fp32 whatever the
+tensor's dtype.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def captured_meta_of(captured: Sequence[torch.Tensor], needs_grad: Sequence[bool
                      ) -> tuple[CapturedMeta, ...]:
     out = []
     for i, t in enumerate(captured):
-        extent = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        # the largest element offset into the tensor or into its contiguous gradient buffer
+        extent = max(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0), t.numel())
         out.append(CapturedMeta(E.dtype_name(t.dtype), t.dim(), bool(needs_grad[i]) if needs_grad else False,
                                 extent > I32_MAX // 2))
     return tuple(out)

@@ -305,15 +305,15 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     grad_needs = [n and hooks.grad_loads[i] > 0 for i, n in enumerate(float_needs)]
     any_grad = any(grad_needs)
 
-    # preprocess: DELTA = rowsum(dO * O), LSE2 = LSE * log2(e) (+inf on dead rows)
+    # preprocess: DELTA = rowsum(dO * O), LSE_X = LSE in the kernels' exponent units (+inf on dead rows)
     delta = torch.empty(batch, hq, q_len, dtype=torch.float32, device=device)
-    lse2 = torch.empty_like(delta)
+    lse_x = torch.empty_like(delta)
     pre_block = min(_PREPROCESS_BLOCK, max(16, _pow2_at_least(q_len)))
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         pre_block = configs.INTERPRETER_BLOCK
     _attn_bwd_preprocess[(triton_cdiv(q_len, pre_block), hq, batch)](
-        out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len,
-        HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim))
+        out, grad_out, lse, delta, lse_x, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len,
+        HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim), BASE2=not hooks.has_score_mod)
 
     cfg = configs.backward_config(max(d, dv_dim), q.dtype, device, heavy=hooks.heavy)
     cap_ptrs, cap_strides = _captured_args(captured)
@@ -341,7 +341,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     def launch_dq(c, delta_pass=False):
         block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
         _attn_bwd_dq[(triton_cdiv(q_len, block_m2), hq, batch)](
-            q, k, v, grad_out, dq, lse2, delta, *fwd_tables, *grad_args,
+            q, k, v, grad_out, dq, lse_x, delta, *fwd_tables, *grad_args,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
             *fwd_num_strides, *fwd_idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
             GRAD_MODE=0 if delta_pass else mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2,
@@ -358,7 +358,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     def launch_dkdv(c):
         block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, c.block_m1, c.block_n1, q_len, kv_len)
         _attn_bwd_dkdv[(triton_cdiv(kv_len, block_n1), hkv, batch)](
-            q, k, v, grad_out, dk, dv, lse2, delta, *tables, *grad_args,
+            q, k, v, grad_out, dk, dv, lse_x, delta, *tables, *grad_args,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
             *num_strides, *idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
             GRAD_MODE=mode_dkdv, BLOCK_M=block_m1, BLOCK_N=block_n1, SPARSE_Q_MULT=q_mult1, SPARSE_KV_MULT=kv_mult1,
