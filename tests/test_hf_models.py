@@ -194,7 +194,7 @@ def test_bloom_alibi_recovered_without_grad():
 def test_gradient_checkpointing():
     """HF gradient checkpointing wraps each layer in torch.utils.checkpoint (every family supports it)."""
     model, inputs = hf.llama()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()  # formerly gradient_checkpointing_enable
     model.train()
     assert_rewritten(model, expected=2, **inputs)
 

@@ -39,6 +39,7 @@ def assert_rewritten(model, *inputs, expected: int | None = None, options: dict 
     ``options`` are backend options, ``kwargs`` go to the model's forward.
     Returns the :class:`~attn_inductor.ExplainReport` on success.
     """
+    __tracebackhide__ = True  # pytest: point at the caller's line, not at this helper
     report = explain(model, *inputs, options=options, **kwargs)
     problems = rewrite_problems(report, expected)
     if problems:
