@@ -106,6 +106,7 @@ def test_check_passes_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["num_sites"] == 2 and data["num_rewritten"] == 2 and data["expected"] == 2
     assert data["passed"] and data["exit_status"] == 0 and data["verdict"] == lines[-1]
+    assert data["problems"] == []
     assert data["numerics"]["ok"] and data["numerics"]["outputs"][0]["dtype"] == "float32"
     assert data["numerics"]["max_abs_err"] < 1e-5
 
@@ -117,6 +118,7 @@ def test_check_miss_is_nonzero(tmp_path, capsys):
     assert PROBS_REASON in text and text.strip().splitlines()[-1].startswith("attn_inductor check: FAIL ")
     data = json.loads(out.read_text())
     assert not data["passed"] and data["sites"][0]["reason"].startswith(PROBS_REASON)
+    assert data["problems"] == ["1 of 1 attention site(s) not rewritten"]
     assert data["numerics"] is None
 
 
@@ -132,7 +134,9 @@ def test_check_numerics_mismatch_is_nonzero(tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["check", f"{FACTORIES}:miscompiled", "--json", str(out)]) == EXIT_NUMERICS
     assert "outputs differ from eager" in capsys.readouterr().out.strip().splitlines()[-1]
-    num = json.loads(out.read_text())["numerics"]
+    data = json.loads(out.read_text())
+    assert data["problems"] == ["outputs differ from eager"] and data["exit_status"] == EXIT_NUMERICS
+    num = data["numerics"]
     assert not num["ok"] and num["outputs"][0]["mismatched"] > 0
     assert num["outputs"][0]["max_abs_err"] == pytest.approx(1e-2, rel=1e-3)
 

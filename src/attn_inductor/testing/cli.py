@@ -237,21 +237,19 @@ def run_check(model, args: tuple, kwargs: dict, *, name: str = "model", expect: 
             num = {"ok": False, "error": f"compiled run failed: {type(exc).__name__}: {exc}"}
         print(_numerics_lines(num))
 
-    parts = [f"{len(report.rewritten)}/{len(report.sites)} attention site(s) rewritten"
-             + (f" (expected {expect})" if expect is not None else "")]
-    if problems:
-        parts = problems
-    if num is not None:
-        if num["ok"]:
-            parts.append(f"outputs match eager (max abs err {num['max_abs_err']:.1e})")
-        else:
-            parts.append("outputs differ from eager" + (f": {num['error']}" if "error" in num else ""))
+    numerics_failed = num is not None and not num["ok"]
     if problems:
         status = EXIT_MISS
-    elif num is not None and not num["ok"]:
+    elif numerics_failed:
         status = EXIT_NUMERICS
     else:
         status = EXIT_OK
+    if numerics_failed:
+        problems.append("outputs differ from eager" + (f": {num['error']}" if "error" in num else ""))
+    parts = list(problems) or [f"{len(report.rewritten)}/{len(report.sites)} attention site(s) rewritten"
+                               + (f" (expected {expect})" if expect is not None else "")]
+    if num is not None and num["ok"]:
+        parts.append(f"outputs match eager (max abs err {num['max_abs_err']:.1e})")
     verdict = f"attn_inductor check: {'PASS' if status == EXIT_OK else 'FAIL'} {name}: " + "; ".join(parts)
 
     if json_path:
