@@ -160,3 +160,26 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "attn_inductor", "check", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--expect" in proc.stdout
+
+
+def test_compare_outputs_opens_up_objects_holding_tensors():
+    """A KV cache object in the outputs (HF DynamicCache) is compared by its tensors, not by identity."""
+    import types
+
+    from attn_inductor.testing.cli import compare_outputs
+
+    def out(k, step):
+        cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=k, values=k + 1)], step=step)
+        return {"hidden": k * 2, "cache": cache, "n": 3}
+
+    k = torch.randn(2, 3)
+    same = compare_outputs(out(k.clone(), 1), out(k, 1))
+    assert same["ok"]
+    assert [o["name"] for o in same["outputs"]] == [
+        "output['hidden']", "output['cache'].layers[0].keys", "output['cache'].layers[0].values", "output['n']"]
+    moved = compare_outputs(out(k + 1e-3, 1), out(k, 1))
+    assert not moved["ok"] and moved["max_abs_err"] == pytest.approx(2e-3, rel=1e-3)
+    nan = torch.tensor([float("nan"), 1.0])
+    assert compare_outputs(nan.clone(), nan)["ok"]                       # NaN where eager has NaN
+    assert not compare_outputs(torch.tensor([0.0, 1.0]), nan)["ok"]
+    assert not compare_outputs((k,), (k, k))["ok"]                       # structure differs

@@ -114,8 +114,12 @@ def tolerance_for(dtype: torch.dtype, atol: float | None, rtol: float | None) ->
 
 
 def compare_outputs(actual, expected, *, atol: float | None = None, rtol: float | None = None) -> dict:
-    """Compare two output pytrees leaf by leaf; a JSON-able dict with ``ok`` and per-leaf results."""
-    from torch.utils._pytree import tree_flatten_with_path, keystr
+    """Compare two output pytrees leaf by leaf; a JSON-able dict with ``ok`` and per-leaf results.
+
+    Leaves that are neither tensors nor plain values (a Hugging Face ``DynamicCache``, say) are
+    opened up: the tensors among their attributes are compared (``output['past_key_values'].layers[0].keys``).
+    """
+    from torch.utils._pytree import keystr, tree_flatten_with_path
 
     exp_leaves, exp_spec = tree_flatten_with_path(expected)
     act_leaves, act_spec = tree_flatten_with_path(actual)
@@ -123,29 +127,60 @@ def compare_outputs(actual, expected, *, atol: float | None = None, rtol: float 
     if exp_spec != act_spec:
         result.update(ok=False, error=f"output structure differs: eager {exp_spec} vs compiled {act_spec}")
         return result
+    pairs = []
     for (path, e), (_, a) in zip(exp_leaves, act_leaves):
-        name = "output" + keystr(path)
-        entry: dict = {"name": name}
-        if not isinstance(e, torch.Tensor):
-            entry.update(ok=_same_value(a, e), kind=type(e).__name__)
-        elif not isinstance(a, torch.Tensor) or a.shape != e.shape or a.dtype != e.dtype:
-            entry.update(ok=False, error=f"eager {_describe(e)} vs compiled {_describe(a)}")
-        elif e.is_floating_point() or e.is_complex():
-            t_atol, t_rtol = tolerance_for(e.dtype, atol, rtol)
-            a64, e64 = a.detach().cpu().double(), e.detach().cpu().double()
-            close = torch.isclose(a64, e64, rtol=t_rtol, atol=t_atol, equal_nan=True)
-            both_finite = torch.isfinite(a64) & torch.isfinite(e64)
-            err = (a64 - e64)[both_finite].abs().max().item() if bool(both_finite.any()) else 0.0
-            entry.update(ok=bool(close.all()), dtype=str(e.dtype).replace("torch.", ""),
-                         shape=list(e.shape), max_abs_err=err, atol=t_atol, rtol=t_rtol,
-                         mismatched=int((~close).sum()))
-            result["max_abs_err"] = max(result["max_abs_err"], err)
-        else:
-            entry.update(ok=bool(torch.equal(a.cpu(), e.cpu())), dtype=str(e.dtype).replace("torch.", ""),
-                         shape=list(e.shape))
+        pairs.extend(_open_up("output" + keystr(path), a, e))
+    for name, a, e in pairs:
+        entry = _compare_leaf(name, a, e, atol, rtol)
+        if "max_abs_err" in entry:
+            result["max_abs_err"] = max(result["max_abs_err"], entry["max_abs_err"])
         result["outputs"].append(entry)
         result["ok"] = result["ok"] and entry["ok"]
     return result
+
+
+_PLAIN = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _open_up(name: str, a, e, depth: int = 0):
+    """(name, actual, expected) pairs: tensors and plain values as they are, other objects by attribute."""
+    if isinstance(e, (torch.Tensor,) + _PLAIN) or depth > 4:
+        return [(name, a, e)]
+    if isinstance(e, (list, tuple)) and isinstance(a, (list, tuple)) and len(a) == len(e):
+        return [p for i, (x, y) in enumerate(zip(a, e)) for p in _open_up(f"{name}[{i}]", x, y, depth + 1)]
+    if isinstance(e, dict) and isinstance(a, dict) and a.keys() == e.keys():
+        return [p for k in e for p in _open_up(f"{name}[{k!r}]", a[k], e[k], depth + 1)]
+    if hasattr(e, "__dict__") and type(a) is type(e):
+        pairs = [p for k, v in vars(e).items() if not k.startswith("__")
+                 for p in _open_up(f"{name}.{k}", getattr(a, k, None), v, depth + 1)]
+        tensor_pairs = [p for p in pairs if isinstance(p[2], torch.Tensor)]
+        if tensor_pairs:
+            return tensor_pairs
+    return [(name, a, e)]
+
+
+def _compare_leaf(name: str, a, e, atol, rtol) -> dict:
+    entry: dict = {"name": name}
+    if not isinstance(e, torch.Tensor):
+        if isinstance(e, _PLAIN):
+            entry.update(ok=_same_value(a, e), kind=type(e).__name__)
+        else:  # an object with no tensors in it: nothing numeric to compare
+            entry.update(ok=type(a) is type(e), kind=type(e).__name__, note="not compared (no tensors inside)")
+    elif not isinstance(a, torch.Tensor) or a.shape != e.shape or a.dtype != e.dtype:
+        entry.update(ok=False, error=f"eager {_describe(e)} vs compiled {_describe(a)}")
+    elif e.is_floating_point() or e.is_complex():
+        t_atol, t_rtol = tolerance_for(e.dtype, atol, rtol)
+        a64, e64 = a.detach().cpu().to(torch.complex128 if e.is_complex() else torch.float64), \
+            e.detach().cpu().to(torch.complex128 if e.is_complex() else torch.float64)
+        close = torch.isclose(a64, e64, rtol=t_rtol, atol=t_atol, equal_nan=True)
+        both_finite = torch.isfinite(a64) & torch.isfinite(e64)
+        err = (a64 - e64)[both_finite].abs().max().item() if bool(both_finite.any()) else 0.0
+        entry.update(ok=bool(close.all()), dtype=str(e.dtype).replace("torch.", ""), shape=list(e.shape),
+                     max_abs_err=err, atol=t_atol, rtol=t_rtol, mismatched=int((~close).sum()))
+    else:
+        entry.update(ok=bool(torch.equal(a.cpu(), e.cpu())), dtype=str(e.dtype).replace("torch.", ""),
+                     shape=list(e.shape))
+    return entry
 
 
 def _same_value(a, e) -> bool:
@@ -274,6 +309,8 @@ def _numerics_lines(num: dict) -> str:
         elif "max_abs_err" in o:
             lines.append(f"  {mark} {o['name']} {o['dtype']}{o['shape']}: max abs err {o['max_abs_err']:.2e} "
                          f"(atol {o['atol']:.0e}, rtol {o['rtol']:.0e}; {o['mismatched']} element(s) outside)")
+        elif "note" in o:
+            lines.append(f"  {mark} {o['name']}: {o['kind']} {o['note']}")
         else:
             lines.append(f"  {mark} {o['name']}: {o.get('dtype', o.get('kind'))} compared exactly")
     if "error" in num:
