@@ -411,6 +411,14 @@ def test_fully_masked_rows():
     assert torch.equal(dq[:, :, 8:20], torch.zeros_like(dq[:, :, 8:20]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absorbed_rows(dtype):
+    """Every score near finfo.min: a uniform softmax, forward and backward (Note [absorbed rows])."""
+    q, k, v, do = _inputs(1, 2, 2, 33, 33, 16, dtype)
+    score = E.call("add", E.score, E.const(torch.finfo(torch.float32).min, F32), dtype=F32)
+    check_case(q, k, v, do, [], [], score=score, mask=causal_mask(), scale=0.25)
+
+
 def test_row_select():
     q, k, v, do = _inputs(2, 2, 2, 40, 40, 16, torch.float32)
     sel = torch.zeros(2, 2, 40, dtype=torch.bool)
@@ -548,8 +556,12 @@ def test_random_combinations(seed):
                deterministic=rnd.random() < 0.3)
 
 
-def test_runtime_composition_matches_cpu_core():
-    """runtime.py composes the Triton core exactly as it composes the CPU core (soft masks, NaN rows)."""
+def test_runtime_composition_with_finfo_min_rows():
+    """runtime.py composes the Triton core into eager's finfo.min semantics, backward included.
+
+    Rows whose every key is padded fall back to a uniform softmax over their
+    causal keys (every score absorbed into finfo.min); Note [absorbed rows].
+    """
     from attn_inductor import cpu, runtime
     from attn_inductor.lowering.spec import AttentionSpec
 
@@ -561,15 +573,25 @@ def test_runtime_composition_matches_cpu_core():
                          scale=0.3, num_captured=2)
     q, k, v, do = _inputs(2, 2, 2, 19, 19, 16, torch.float32)
     padding = torch.ones(2, 19, dtype=torch.bool)
-    padding[0, :4] = False
+    padding[0, :4] = False  # rows 0..3 of batch 0 see only padded keys
     padding[1] = False  # every row of batch 1 falls back to the hard (causal) mask
-    captured = [padding, torch.tensor([0.2, 0.5])]
-    got = runtime.attention_forward(spec, q, k, v, captured, launch)
-    want = runtime.attention_forward(spec, q, k, v, captured, cpu)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, equal_nan=True)
-    out, lse, lse_fb = got
-    g_got = runtime.attention_backward(spec, q, k, v, out, lse, lse_fb, do, captured, [False, True], launch)
-    g_want = runtime.attention_backward(spec, q, k, v, out, lse, lse_fb, do, captured, [False, True], cpu)
-    for a, b in zip(list(g_got[:3]) + g_got[3][1:], list(g_want[:3]) + g_want[3][1:]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
+    slopes = torch.tensor([0.2, 0.5])
+    out, lse, lse_fb = runtime.attention_forward(spec, q, k, v, [padding, slopes], launch)
+    torch.testing.assert_close(out, runtime.attention_forward(spec, q, k, v, [padding, slopes], cpu)[0],
+                               rtol=2e-5, atol=2e-5)
+    grads = runtime.attention_backward(spec, q, k, v, out, lse, lse_fb, do, [padding, slopes], [False, True],
+                                       launch)
+
+    # eager: the naive additive-mask graph in fp32, differentiated by autograd
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, slopes)]
+    idx = _indices(2, 2, 19, 19)
+    s = leaves[0] @ leaves[1].transpose(-1, -2) * 0.3
+    s = s + leaves[3].view(1, 2, 1, 1) * (idx["kv_idx"] - idx["q_idx"]).float()
+    s = s + torch.where(padding[:, None, None, :], 0.0, fmin)
+    s = s.masked_fill(idx["kv_idx"] > idx["q_idx"], -math.inf)
+    eager = torch.softmax(s, -1) @ leaves[2]
+    eager.backward(do)
+    torch.testing.assert_close(out, eager.detach(), rtol=2e-5, atol=2e-5)
+    for name, got, want in zip(["dq", "dk", "dv", "dslopes"], [*grads[:3], grads[3][1]],
+                               [t.grad for t in leaves]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)

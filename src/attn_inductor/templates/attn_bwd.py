@@ -6,8 +6,11 @@ Notation (as in attn_fwd.py, plus)
                   mod, LSE with one: Note [exponent units] in attn_fwd.py), and +inf
                   on rows whose LSE is -inf so that P is exactly 0 there
                   (Note [dead rows in the backward])
+    LSE_C       = 0, or -log2(l) for rows whose statistics the STATS pass recomputed
+                  (then LSE_X holds their max m): Note [absorbed rows]
     DELTA       = rowsum(dO * OUT)                  fp32 [B, HQ, Q_LEN]
-    P           = E(x - LSE_X)                      recomputed, never stored
+    P           = E(x - LSE_X), or 2^((x - LSE_X) * log2(e) + LSE_C) with a score mod,
+                  recomputed, never stored
     dP          = dO @ V^T
     dS_mod      = P * (dP - DELTA)                  gradient w.r.t. the modified score
     dS          = dS_mod * d(score_mod)/ds          gradient w.r.t. s = scale * q·k; the
@@ -26,7 +29,9 @@ Kernels
                            (kv along rows) as the Triton tutorial does.
     _attn_bwd_dq           one program per (q tile, head, batch) over the forward
                            table's kv tiles; dQ owned by the program.  With
-                           DELTA_PASS it computes DELTA instead (Note [exact delta]).
+                           STATS_PASS it recomputes the row statistics instead
+                           (Notes [exact delta] and [absorbed rows]); the launcher
+                           runs that first whenever there is a score mod.
     Captured-tensor gradients (Note [captured gradients] in hook_lib): mode 1 in the
     dQ kernel; deterministic mode runs pass 2 in the dK/dV kernel and pass 3 in the
     dQ kernel, so it costs no extra launch.
@@ -38,10 +43,22 @@ Note [exact delta]
     tensor's gradient sums dS over many rows (an ALiBi slope over the whole
     [Q_LEN, KV_LEN] square), where it adds up coherently: emulated at S=2048
     with bf16 it was 1.9x eager's error, against 4e-5x with the exact value.
-    So when captured gradients are requested the dQ kernel first runs with
-    DELTA_PASS, computing DELTA = rowsum(P * dP) in fp32 over the same tiles
+    So when captured gradients are requested (FULL_DELTA) the STATS pass
+    computes DELTA = rowsum(P * dP) in fp32 over the same tiles for every row
     (two of the backward's seven tile matmuls again, ~30% more backward time),
     and everything downstream uses it.
+
+Note [absorbed rows]
+    With a finfo.min additive mask a row can have every score near -3.4e38;
+    eager then gives a uniform softmax over those entries (the fallback rows of
+    runtime.py).  The forward handles it (Note [exponent units]) but its LSE =
+    m + ln(l) rounds to m in fp32 (ulp(3.4e38) ~ 2e31), so P = e^(x - LSE)
+    would be 1 instead of 1/l.  Any row with |LSE| >= HUGE_LSE has lost
+    precision this way, so with a score mod the STATS pass (a tile of the dQ
+    grid with no such row and no FULL_DELTA exits at once) recomputes, for the
+    q tiles holding such rows, the row max m, l and DELTA in one online pass
+    and stores m in LSE_X and -log2(l) in LSE_C: P = 2^((x - m) log2 e - log2 l)
+    is then exact.  The CPU core has the same LSE; see the report.
 
 Note [dead rows in the backward]
     A row with LSE = -inf (nothing passed the mask, or not selected) contributes
@@ -59,6 +76,8 @@ import triton.language as tl
 
 from . import hook_lib as lib
 from .attn_fwd import LOG2E, load_2d, mask_scores, store_2d, tile_start
+
+HUGE_LSE: tl.constexpr = tl.constexpr(4096.0)  # Note [absorbed rows]: |LSE| from which fp32 loses ln(l)
 
 
 @triton.jit
@@ -97,7 +116,7 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+    dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
     stride_qm, stride_dom, Q_LEN, scale,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
@@ -118,6 +137,11 @@ def _attn_bwd_dkdv_inner(
         lse_x = tl.load(LSE_X_ROW + offs_m)
     else:
         lse_x = tl.load(LSE_X_ROW + offs_m, mask=q_ok, other=float("inf"))
+    if HAS_SCORE_MOD:  # Note [absorbed rows]
+        if EVEN_M:
+            lse_c = tl.load(LSE_C_ROW + offs_m)
+        else:
+            lse_c = tl.load(LSE_C_ROW + offs_m, mask=q_ok, other=0.0)
     qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
     q_idx = offs_m[None, :]
     kv_idx = offs_n[:, None]
@@ -133,7 +157,7 @@ def _attn_bwd_dkdv_inner(
         keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
     xT = mask_scores(xT, keep, q_ok[None, :], APPLY_MASK, not EVEN_M)
     if HAS_SCORE_MOD:
-        pT = tl.exp2((xT - lse_x[None, :]) * LOG2E)
+        pT = tl.exp2((xT - lse_x[None, :]) * LOG2E + lse_c[None, :])
     else:
         pT = tl.exp2(xT - lse_x[None, :])
     do = lib.widen_for_dot(load_2d(do_ptrs + start64 * stride_dom, q_ok, dv_ok, EVEN_M, EVEN_DV), FP32_OPERANDS)
@@ -158,7 +182,7 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE_X, DELTA,
+    Q, K, V, DO, DK, DV, LSE_X, LSE_C, DELTA,
     Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -209,6 +233,7 @@ def _attn_bwd_dkdv(
         do_ptrs = (DO + b64 * stride_dob + h64 * stride_doh + offs_m0[:, None] * stride_dom
                    + offs_dv[None, :] * stride_dod)
         LSE_X_ROW = LSE_X + (b64 * HQ + h64) * Q_LEN
+        LSE_C_ROW = LSE_C + (b64 * HQ + h64) * Q_LEN
         DELTA_ROW = DELTA + (b64 * HQ + h64) * Q_LEN
         if IS_SPARSE:
             num_off = off_b * stride_nb + off_h * stride_nh + sp_col * stride_nn
@@ -226,7 +251,7 @@ def _attn_bwd_dkdv(
         for it in range(0, n_full):
             start_m = tile_start(FULL_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
                 stride_qm, stride_dom, Q_LEN, scale,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
@@ -235,7 +260,7 @@ def _attn_bwd_dkdv(
         for it in range(0, n_part):
             start_m = tile_start(PART_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
                 stride_qm, stride_dom, Q_LEN, scale,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
@@ -256,32 +281,25 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _attn_bwd_dq_inner(
-    dq, q, do, lse_x, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
-    stride_kn, stride_vn, KV_LEN, scale,
-    CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, K_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
-    DELTA_PASS: tl.constexpr,
+def _bwd_scores(
+    q, kT_ptrs, start_n, offs_m, q_ok, off_b, off_h, stride_kn, KV_LEN, scale, CAPTURED, STRIDES,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+    APPLY_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FP32_OPERANDS: tl.constexpr,
 ):
-    """One kv tile against the program's q tile ([q, kv] orientation).
-
-    With DELTA_PASS, ``dq`` is the [BLOCK_M] accumulator of rowsum(P * dP) (Note [exact delta]).
-    """
+    """A [q, kv] tile's exponents x (masked), s, d(score_mod)/ds (WANT_GRAD), the mask, K^T and kv bounds."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_ok = offs_n < KV_LEN
     d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
-    dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
-    start64 = start_n.to(tl.int64)
-    kT = lib.widen_for_dot(load_2d(kT_ptrs + start64 * stride_kn, d_ok, kv_ok, EVEN_D, EVEN_N), FP32_OPERANDS)
+    kT = lib.widen_for_dot(load_2d(kT_ptrs + start_n.to(tl.int64) * stride_kn, d_ok, kv_ok, EVEN_D, EVEN_N),
+                           FP32_OPERANDS)
     qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     s = qk * scale
-    if HAS_SCORE_GRAD and not DELTA_PASS:  # natural units with a score mod (Note [exponent units])
+    dmod = s  # unused unless WANT_GRAD
+    if WANT_GRAD:  # natural units with a score mod (Note [exponent units])
         x, dmod = SCORE_MOD_GRAD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
     elif HAS_SCORE_MOD:
         x = SCORE_MOD(s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
@@ -291,32 +309,76 @@ def _attn_bwd_dq_inner(
     if APPLY_MASK:
         keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], CAPTURED, STRIDES)
     x = mask_scores(x, keep, kv_ok[None, :], APPLY_MASK, not EVEN_N)
+    return x, s, dmod, keep, kT, offs_n, kv_ok
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse_x, lse_c, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+    stride_kn, stride_vn, KV_LEN, scale,
+    CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, K_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+):
+    """One kv tile against the program's q tile ([q, kv] orientation)."""
+    x, s, dmod, keep, kT, offs_n, kv_ok = _bwd_scores(
+        q, kT_ptrs, start_n, offs_m, q_ok, off_b, off_h, stride_kn, KV_LEN, scale, CAPTURED, STRIDES,
+        SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, HAS_SCORE_MOD, APPLY_MASK, HAS_SCORE_GRAD, EVEN_N, EVEN_D,
+        HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION, FP32_OPERANDS)
     if HAS_SCORE_MOD:
-        p = tl.exp2((x - lse_x[:, None]) * LOG2E)
+        p = tl.exp2((x - lse_x[:, None]) * LOG2E + lse_c[:, None])
     else:
         p = tl.exp2(x - lse_x[:, None])
-    vT = lib.widen_for_dot(load_2d(vT_ptrs + start64 * stride_vn, dv_ok, kv_ok, EVEN_DV, EVEN_N), FP32_OPERANDS)
+    dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
+    vT = lib.widen_for_dot(load_2d(vT_ptrs + start_n.to(tl.int64) * stride_vn, dv_ok, kv_ok, EVEN_DV, EVEN_N),
+                           FP32_OPERANDS)
     dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
-    if DELTA_PASS:
-        dq = dq + tl.sum(p * dp, 1)
-    else:
-        ds = p * (dp - delta[:, None])
-        if GRAD_MODE != 0:
-            live = q_ok[:, None] & kv_ok[None, :]
-            if APPLY_MASK:
-                live = live & keep
-            CAPTURED_GRAD(ds, s, off_b, off_h, q_idx, kv_idx, q_ok[:, None], kv_ok[None, :], live, CAPTURED,
-                          STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 1, GRAD_MODE)
-        if HAS_SCORE_GRAD:
-            ds = ds * dmod
-        dq = tl.dot(lib.as_dot_operand(ds, K_DTYPE, FP32_OPERANDS), tl.trans(kT), dq,
-                    input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if GRAD_MODE != 0:
+        live = q_ok[:, None] & kv_ok[None, :]
+        if APPLY_MASK:
+            live = live & keep
+        CAPTURED_GRAD(ds, s, off_b, off_h, offs_m[:, None], offs_n[None, :], q_ok[:, None], kv_ok[None, :], live,
+                      CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 1, GRAD_MODE)
+    if HAS_SCORE_GRAD:
+        ds = ds * dmod
+    dq = tl.dot(lib.as_dot_operand(ds, K_DTYPE, FP32_OPERANDS), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
     return dq
 
 
 @triton.jit
+def _attn_bwd_stats_inner(
+    m_i, l_i, d_i, q, do, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+    stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+):
+    """Online row max m_i, l_i = sum e^(x - m_i) and d_i = sum e^(x - m_i) dP (natural units; Note [absorbed rows])."""
+    x, s, dmod, keep, kT, offs_n, kv_ok = _bwd_scores(
+        q, kT_ptrs, start_n, offs_m, q_ok, off_b, off_h, stride_kn, KV_LEN, scale, CAPTURED, STRIDES,
+        SCORE_MOD, MASK_MOD, SCORE_MOD, True, APPLY_MASK, False, EVEN_N, EVEN_D,
+        HEAD_DIM, BLOCK_N, BLOCK_D, INPUT_PRECISION, FP32_OPERANDS)
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # Note [fully masked rows] in attn_fwd.py
+    p = tl.exp2((x - m_use[:, None]) * LOG2E)
+    alpha = tl.exp2((m_i - m_use) * LOG2E)
+    dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
+    vT = lib.widen_for_dot(load_2d(vT_ptrs + start_n.to(tl.int64) * stride_vn, dv_ok, kv_ok, EVEN_DV, EVEN_N),
+                           FP32_OPERANDS)
+    dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    d_i = d_i * alpha + tl.sum(p * dp, 1)
+    return m_new, l_i, d_i
+
+
+@triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE_X, DELTA,
+    Q, K, V, DO, DQ, LSE_X, LSE_C, DELTA,
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -332,7 +394,8 @@ def _attn_bwd_dq(
     IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, DELTA_PASS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, STATS_PASS: tl.constexpr,
+    FULL_DELTA: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) q tiles first, as in the forward
     off_h = tl.program_id(1)
@@ -359,6 +422,10 @@ def _attn_bwd_dq(
     else:
         lse_x = tl.load(LSE_X + row + offs_m, mask=q_ok, other=float("inf"))
         delta = tl.load(DELTA + row + offs_m, mask=q_ok, other=0.0)
+    if HAS_SCORE_MOD and not STATS_PASS:  # Note [absorbed rows]
+        lse_c = tl.load(LSE_C + row + offs_m, mask=q_ok, other=0.0)
+    else:
+        lse_c = delta  # unused
     K_BASE = K + b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
     V_BASE = V + b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
     kT_ptrs = K_BASE + offs_d[:, None] * stride_kd + offs_n0[None, :] * stride_kn
@@ -380,32 +447,58 @@ def _attn_bwd_dq(
         FULL_IDX = KV_IDX
         PART_IDX = KV_IDX
 
-    if DELTA_PASS:
-        dq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if STATS_PASS:  # Notes [exact delta] and [absorbed rows]
+        alive = lse_x != float("inf")
+        absorbed = alive & (tl.abs(lse_x) >= HUGE_LSE)
+        need = tl.max(absorbed.to(tl.int32), 0)
+        if FULL_DELTA:
+            need = need + 1
+        run = need > 0
+        n_full = tl.where(run, n_full, 0)
+        n_part = tl.where(run, n_part, 0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        d_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for it in range(0, n_full):
+            start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+            m_i, l_i, d_i = _attn_bwd_stats_inner(
+                m_i, l_i, d_i, q, do, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+                stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES, SCORE_MOD, MASK_MOD, False,
+                EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                INPUT_PRECISION, FP32_OPERANDS)
+        for it in range(0, n_part):
+            start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+            m_i, l_i, d_i = _attn_bwd_stats_inner(
+                m_i, l_i, d_i, q, do, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+                stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES, SCORE_MOD, MASK_MOD, HAS_MASK,
+                EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                INPUT_PRECISION, FP32_OPERANDS)
+        ok = alive & (l_i > 0.0)  # dead rows stay dead, with DELTA 0 even when dO has NaN
+        l_safe = tl.where(ok, l_i, 1.0)
+        store = q_ok & ((offs_m * 0 + need) > 0)  # [BLOCK_M]: a 0-d mask trips the interpreter (Triton 3.9)
+        tl.store(DELTA + row + offs_m, tl.where(ok, d_i / l_safe, 0.0), mask=store)
+        tl.store(LSE_X + row + offs_m, tl.where(ok, m_i, lse_x), mask=store)
+        tl.store(LSE_C + row + offs_m, tl.where(ok, -tl.log2(l_safe), 0.0), mask=store)
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for it in range(0, n_full):
-        start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse_x, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
-            stride_kn, stride_vn, KV_LEN, scale,
-            CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-            SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
-            EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
-            INPUT_PRECISION, FP32_OPERANDS, DELTA_PASS)
-    for it in range(0, n_part):
-        start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse_x, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
-            stride_kn, stride_vn, KV_LEN, scale,
-            CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
-            SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
-            EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
-            INPUT_PRECISION, FP32_OPERANDS, DELTA_PASS)
-
-    if DELTA_PASS:  # Note [exact delta]; dead rows (LSE_X = +inf) get 0 even when dO has NaN
-        tl.store(DELTA + row + offs_m, tl.where(lse_x == float("inf"), 0.0, dq), mask=q_ok)
-    else:
+        for it in range(0, n_full):
+            start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse_x, lse_c, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+                stride_kn, stride_vn, KV_LEN, scale,
+                CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+                SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
+                EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
+                INPUT_PRECISION, FP32_OPERANDS)
+        for it in range(0, n_part):
+            start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse_x, lse_c, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
+                stride_kn, stride_vn, KV_LEN, scale,
+                CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+                SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
+                GRAD_MODE, EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
+                INPUT_PRECISION, FP32_OPERANDS)
         dq = dq * scale
         store_2d(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm
                  + offs_d[None, :] * stride_dqd, lib.cast_for_store(dq, DQ.dtype.element_ty, FP32_OPERANDS), q_ok,

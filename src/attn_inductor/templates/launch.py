@@ -308,6 +308,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     # preprocess: DELTA = rowsum(dO * O), LSE_X = LSE in the kernels' exponent units (+inf on dead rows)
     delta = torch.empty(batch, hq, q_len, dtype=torch.float32, device=device)
     lse_x = torch.empty_like(delta)
+    lse_c = torch.zeros_like(delta) if hooks.has_score_mod else delta  # Note [absorbed rows] in attn_bwd.py
     pre_block = min(_PREPROCESS_BLOCK, max(16, _pow2_at_least(q_len)))
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         pre_block = configs.INTERPRETER_BLOCK
@@ -338,19 +339,21 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     # dQ: programs own a q tile; captured gradients accumulate here
     fwd_tables, fwd_num_strides, fwd_idx_strides = _table_args(sparsity, delta, forward=True)
 
-    def launch_dq(c, delta_pass=False):
+    def launch_dq(c, stats_pass=False):
         block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
         _attn_bwd_dq[(triton_cdiv(q_len, block_m2), hq, batch)](
-            q, k, v, grad_out, dq, lse_x, delta, *fwd_tables, *grad_args,
+            q, k, v, grad_out, dq, lse_x, lse_c, delta, *fwd_tables, *grad_args,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
             *fwd_num_strides, *fwd_idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
-            GRAD_MODE=0 if delta_pass else mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2,
+            GRAD_MODE=0 if stats_pass else mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2,
             SPARSE_KV_MULT=kv_mult2, EVEN_M=q_len % block_m2 == 0, EVEN_N=kv_len % (block_n2 * kv_mult2) == 0,
-            DELTA_PASS=delta_pass, num_warps=c.num_warps, num_stages=c.num_stages)
+            STATS_PASS=stats_pass, FULL_DELTA=any_grad, num_warps=c.num_warps, num_stages=c.num_stages)
 
-    if any_grad:  # Note [exact delta] in attn_bwd.py: overwrite the preprocess's DELTA before anything reads it
-        _launch(_attn_bwd_dq, _fit_key("delta", hooks, **fit), _attempts(cfg, "block_n2"),
-                lambda c: launch_dq(c, delta_pass=True))
+    if hooks.has_score_mod:
+        # Notes [exact delta] and [absorbed rows] in attn_bwd.py: rewrites DELTA / LSE_X / LSE_C of the q tiles
+        # that need it before anything reads them (a tile that does not exits at once)
+        _launch(_attn_bwd_dq, _fit_key("stats", hooks, full=any_grad, **fit), _attempts(cfg, "block_n2"),
+                lambda c: launch_dq(c, stats_pass=True))
 
     # dK / dV: programs own a kv tile of one kv head and visit every query head of its group
     tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=False)
@@ -358,7 +361,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     def launch_dkdv(c):
         block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, c.block_m1, c.block_n1, q_len, kv_len)
         _attn_bwd_dkdv[(triton_cdiv(kv_len, block_n1), hkv, batch)](
-            q, k, v, grad_out, dk, dv, lse_x, delta, *tables, *grad_args,
+            q, k, v, grad_out, dk, dv, lse_x, lse_c, delta, *tables, *grad_args,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
             *num_strides, *idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
             GRAD_MODE=mode_dkdv, BLOCK_M=block_m1, BLOCK_N=block_n1, SPARSE_Q_MULT=q_mult1, SPARSE_KV_MULT=kv_mult1,
