@@ -297,6 +297,77 @@ def int_range(expr: Expr, ranges: Mapping[str, tuple[int, int]]) -> tuple[int, i
     return None
 
 
+def _split_multiple(x: Expr, c: int):
+    """x = a*c + y → (a, y); None when x has no such syntactic form."""
+    def is_mul_c(e):
+        if isinstance(e, Call) and e.op == "mul":
+            for i in (0, 1):
+                if is_const(e.args[i], c):
+                    return e.args[1 - i]
+        return None
+    a = is_mul_c(x)
+    if a is not None:
+        return a, const(0, x.dtype)
+    if isinstance(x, Call) and x.op == "add":
+        for i in (0, 1):
+            a = is_mul_c(x.args[i])
+            if a is not None:
+                return a, x.args[1 - i]
+    return None
+
+
+def simplify(expr: Expr, ranges: Mapping[str, tuple[int, int]]) -> Expr:
+    """Fold what the index ranges decide: tautological comparisons (``q_idx >= 0``) and
+    ``(b*H + h) // H``, ``(b*H + h) % H`` when ``0 <= h < H``.  Semantics-preserving on the index box."""
+    memo: dict[Expr, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        if e in memo:
+            return memo[e]
+        if isinstance(e, Load):
+            out: Expr = Load(e.buffer, tuple(go(i) for i in e.indices), e.dtype)
+        elif isinstance(e, Call):
+            args = tuple(go(a) for a in e.args)
+            out = call(e.op, *args, dtype=e.dtype)
+            out = _fold_by_range(out, ranges) if isinstance(out, Call) else out
+        else:
+            out = e
+        memo[e] = out
+        return out
+
+    return go(expr)
+
+
+def _fold_by_range(e: Call, ranges) -> Expr:
+    if e.op in COMPARISONS and not any(is_float(a.dtype) for a in e.args):
+        ra, rb = int_range(e.args[0], ranges), int_range(e.args[1], ranges)
+        if ra is not None and rb is not None:
+            (alo, ahi), (blo, bhi) = ra, rb
+            decided = {
+                "ge": (alo >= bhi, ahi < blo), "gt": (alo > bhi, ahi <= blo),
+                "le": (ahi <= blo, alo > bhi), "lt": (ahi < blo, alo >= bhi),
+                "eq": (alo == ahi == blo == bhi, ahi < blo or bhi < alo),
+                "ne": (ahi < blo or bhi < alo, alo == ahi == blo == bhi),
+            }[e.op]
+            if decided[0]:
+                return const(True, BOOL)
+            if decided[1]:
+                return const(False, BOOL)
+    if e.op in ("floordiv", "remainder") and is_int(e.dtype) and is_const(e.args[1]) and e.args[1].value > 0:
+        c = int(e.args[1].value)
+        x = e.args[0]
+        rx = int_range(x, ranges)
+        if rx is not None and 0 <= rx[0] and rx[1] < c:
+            return const(0, e.dtype) if e.op == "floordiv" else x
+        split = _split_multiple(x, c)
+        if split is not None:
+            a, y = split
+            ry = int_range(y, ranges)
+            if ry is not None and 0 <= ry[0] and ry[1] < c:
+                return a if e.op == "floordiv" else y
+    return e
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 

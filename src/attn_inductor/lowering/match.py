@@ -222,6 +222,7 @@ def _match(gm, softmax: fx.Node, fully_masked_rows: str):
     full = ex.express(x, index)
     full = E.call("to", full, dtype="float32") if full.dtype != "float32" else full
 
+    full = E.simplify(full, ranges)
     spec = _build_spec(full, q_scale * k_scale, group, len(ex.captured), fully_masked_rows)
     if isinstance(spec, MatchFailure):
         spec.node = spec.node or softmax.name
