@@ -126,6 +126,34 @@ def _run(sm90, score, mask, *, captured=(), needs=(), b=1, h=2, hkv=2, lq=1000, 
     for name, kernel in sm90:
         assert kernel.asm.get("cubin"), name
         assert kernel.metadata.shared <= H100_SHARED_MEMORY, name
+        if os.environ.get("ATTN_INDUCTOR_PTXAS_REPORT"):  # registers / spills per kernel, for tuning configs
+            print(f"\n{name}: shared={kernel.metadata.shared} warps={kernel.metadata.num_warps} "
+                  f"stages={kernel.metadata.num_stages} {_ptxas_report(kernel.asm['ptx'])}")
+
+
+def _ptxas_report(ptx: str) -> str:
+    """ptxas -v of the kernel (the wheel's newest ptxas accepts Triton 3.9's PTX version)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for exe in ("ptxas-blackwell", "ptxas"):
+        path = os.path.join(bin_dir, exe)
+        if not os.path.exists(path):
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            r = subprocess.run([path, "--gpu-name", "sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                               capture_output=True, text=True)
+        lines = [ln.split(":", 1)[-1].strip() for ln in (r.stdout + r.stderr).splitlines()
+                 if "registers" in ln or "spill" in ln]
+        if lines:
+            return " | ".join(lines)
+    return "(ptxas unavailable)"
 
 
 def _causal():

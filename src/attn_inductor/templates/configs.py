@@ -19,12 +19,15 @@ Note [heavy hooks]
     A score mod, a gather from a captured tensor or a captured gradient keeps
     extra [BLOCK_M, BLOCK_N] tiles live (the score-mod derivative, gathered
     values, contributions).  Cross-compiling for sm_90 (Triton 3.9, ptxas)
-    showed the default dK/dV tile (64 x 128, 8 warps) spilling 400-2000 bytes
-    with softcap or a relative-bias table and none with the q/kv inner tile
-    halved (32 x 128), and the D=64 forward spilling with a document-id mask
-    at 4 warps and not at 8.  So heavy hooks halve the backward's inner tiles
-    and use 8 warps for 128 x 128 forward tiles.  To be confirmed by timing on
-    the GPU.
+    showed FlexAttention's dK/dV tile (64 x 128, 8 warps) spilling ~100 bytes
+    for plain causal and 400-2000 bytes with softcap or a relative-bias table,
+    none with a 32-row q tile in dK/dV and, for heavy hooks, a 32-column kv
+    tile in dQ; and the D=64 forward spilling with a document-id mask at 4 warps
+    and not at 8.  So the D<=128 default uses 32 x 128 for dK/dV, heavy hooks
+    also halve dQ's kv tile, and 128 x 128 forward tiles get 8 warps.  Spill-free
+    is not the same as fastest: to be confirmed by timing on the GPU (the env
+    overrides above; ``ATTN_INDUCTOR_PTXAS_REPORT=1 pytest -s
+    tests/test_triton_compile.py`` prints registers and spills without a GPU).
 
 Invariants: every block is a power of two >= 16 (``tl.dot``'s minimum);
 ``block_m1``/``block_n1`` are the dK/dV kernel's q and kv tiles,
@@ -93,7 +96,7 @@ _FWD = {
 _BWD = {
     9: {
         (64, 2): BwdConfig(64, 128, 128, 64, 8, 3),
-        (128, 2): BwdConfig(64, 128, 128, 64, 8, 3),
+        (128, 2): BwdConfig(32, 128, 128, 64, 8, 3),  # Flex's 64 x 128 dK/dV tile spills ~100 B (causal table)
         (256, 2): BwdConfig(32, 64, 64, 32, 8, 2),
         (64, 4): BwdConfig(16, 32, 32, 16, 4, 1),
         (128, 4): BwdConfig(16, 32, 32, 16, 4, 1),
@@ -177,5 +180,5 @@ def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, hea
         return BwdConfig(b, b, b, b, 1, 1)
     cfg = _lookup(_BWD[_capability(device)], head_dim, dtype)
     if heavy:
-        cfg = dataclasses.replace(cfg, block_m1=max(16, cfg.block_m1 // 2), block_n2=max(16, cfg.block_n2 // 2))
+        cfg = dataclasses.replace(cfg, block_m1=min(cfg.block_m1, 32), block_n2=max(16, cfg.block_n2 // 2))
     return cfg
