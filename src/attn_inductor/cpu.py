@@ -246,14 +246,23 @@ class _OnlineSoftmax:
 
 
 @torch.no_grad()
-def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None):
+def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None,
+                 empty_rows: str = "zero"):
     """q [B,Hq,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv] (any strides), captured: list of tensors.
 
     score: Expr (uses E.score = scale*q·k in fp32), mask: bool Expr or None, sparsity: BlockSparsity or None.
     row_select: optional bool [B,Hq,Lq]; unselected rows may be skipped and must come out as out=0, lse=-inf.
     Returns out [B,Hq,Lq,Dv] in v.dtype and lse [B,Hq,Lq] fp32 (natural log).
-    A row where no entry passes `mask` gives out = 0 and lse = -inf.
+    A row where no entry passes `mask` gives out = 0 and lse = -inf (NaN out with empty_rows="nan").
     """
+    out, lse = _core_forward(q, k, v, captured, score=score, mask=mask, scale=scale, gqa_group=gqa_group,
+                             sparsity=sparsity, row_select=row_select)
+    if empty_rows == "nan":
+        out = out.masked_fill((lse == -math.inf).unsqueeze(-1), math.nan)
+    return out, lse
+
+
+def _core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None):
     batch, hq, lq, _ = q.shape
     hkv, dv = v.shape[1], v.shape[-1]
     group = gqa_group

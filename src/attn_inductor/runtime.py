@@ -92,9 +92,13 @@ def attention_forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Ten
     """
     _check(spec, q, k, v, captured)
     common = dict(scale=spec.scale, gqa_group=spec.gqa_group)
+    # without a soft mask, an empty row of the live pass is a row with no hard entry: the core writes
+    # eager's NaN directly instead of a second pass over ``out``
+    nan_in_core = spec.fully_masked_rows == "eager" and spec.mask is not None and not spec.has_soft_mask
     out, lse = impl.core_forward(
         q, k, v, captured, score=spec.score_live, mask=spec.live_mask,
-        sparsity=_sparsity(impl, spec.live_mask, q, k, v, captured, backward=False), **common)
+        sparsity=_sparsity(impl, spec.live_mask, q, k, v, captured, backward=False),
+        **({"empty_rows": "nan"} if nan_in_core else {}), **common)
     if spec.has_soft_mask:
         soft_rows = lse == -math.inf
         out_fb, lse_fb = impl.core_forward(
@@ -105,7 +109,7 @@ def attention_forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Ten
         lse_fallback = torch.where(soft_rows, lse_fb, -math.inf)
     else:
         lse_fallback = lse.new_empty(0)
-    if spec.fully_masked_rows == "eager" and spec.mask is not None:
+    if spec.fully_masked_rows == "eager" and spec.mask is not None and not nan_in_core:
         # only a hard mask can leave a row with no entry at all
         out = _poison_rows(out, _no_hard_entry(lse, lse_fallback))
     return out, lse, lse_fallback

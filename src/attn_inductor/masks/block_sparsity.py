@@ -16,6 +16,8 @@ each tile (``intervals.py``); ``get_block_sparsity`` is its cached front door;
 
 from __future__ import annotations
 
+import functools
+
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -93,7 +95,15 @@ def from_block_map(block_map: torch.Tensor, *, block_m: int, block_n: int, q_len
 
 
 def dense(*, block_m: int, block_n: int, q_len: int, kv_len: int, device="cpu", kind: int = FULL) -> BlockSparsity:
-    """Every tile FULL (no predicate) or PARTIAL (predicate with no usable structure)."""
+    """Every tile FULL (no predicate) or PARTIAL (predicate with no usable structure).
+
+    Cached: unmasked attention asks for this on every call, and building the tables is a
+    dozen small device launches."""
+    return _dense_cached(block_m, block_n, q_len, kv_len, str(torch.device(device)), kind)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_cached(block_m: int, block_n: int, q_len: int, kv_len: int, device: str, kind: int) -> BlockSparsity:
     nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
     bm = torch.full((1, 1, nq, nk), kind, dtype=torch.int8, device=device)
     return from_block_map(bm, block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)

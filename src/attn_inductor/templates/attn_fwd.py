@@ -42,6 +42,9 @@ Note [exponent units]
     overflow to a wrong answer.  Without a score mod |q·k * scale| is far from
     overflow and the folded form is used.  The backward follows the same rule.
 
+    With EMPTY_NAN the row's OUT is NaN instead (what eager gives for -inf masks),
+    saving the runtime a pass over OUT.
+
 Note [row select]
     With ROW_SELECT, unselected rows come out as OUT = 0, LSE = -inf; a q tile
     with no selected row runs zero kv iterations (no host sync).
@@ -178,7 +181,7 @@ def _attn_fwd(
     GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, EMPTY_NAN: tl.constexpr = False,
 ):
     # last q tiles first: under causal-like masks they visit the most kv tiles (shorter tail)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -248,6 +251,8 @@ def _attn_fwd(
     # Note [fully masked rows]
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if EMPTY_NAN:  # eager's softmax over an all -inf row (Note [fully masked rows])
+        out = tl.where(empty[:, None], float("nan"), out)
     log2_l = tl.log2(tl.where(empty, 1.0, l_i))
     if HAS_SCORE_MOD:  # Note [exponent units]
         lse = tl.where(empty, float("-inf"), m_i + log2_l * LN2)

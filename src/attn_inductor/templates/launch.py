@@ -25,6 +25,7 @@ What it does not do: dropout, fp64 inputs, head dims above 256.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import torch
@@ -146,6 +147,7 @@ def _table_args(sp: BlockSparsity | None, dummy: torch.Tensor, forward: bool):
 _fitted: dict[tuple, int] = {}
 
 
+@functools.lru_cache(maxsize=256)
 def _attempts(cfg, inner: str) -> list:
     """``cfg``, then fewer stages, then the ``inner`` tile halved (down to 16) at each stage count."""
     out = [dataclasses.replace(cfg, num_stages=s) for s in range(cfg.num_stages, 0, -1)]
@@ -186,7 +188,8 @@ def _hooks(score: Expr, mask: Expr | None, captured, needs_grad, q, k, backward:
 # ----------------------------------------------------------------------------- forward
 
 
-def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None):
+def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None,
+                 empty_rows: str = "zero"):
     """Softmax over entries passing ``mask`` of ``score`` (see cpu.core_forward); -> (out, lse)."""
     from .attn_fwd import _attn_fwd
 
@@ -215,7 +218,8 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, IS_SPARSE=sparsity is not None,
         HAS_ROW_SELECT=row_select is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv,
         BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
-        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands())
+        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
+        EMPTY_NAN=empty_rows == "nan")
 
     def launch_one(c):
         block_m, block_n, q_mult, kv_mult = _tiles(sparsity, c.block_m, c.block_n, q_len, kv_len)
