@@ -21,6 +21,8 @@ import torch.fx as fx
 
 from . import _compat, ops  # noqa: F401  (ops registers the custom op)
 from .capture.aten import CaptureError, capture_aten_graph
+from .capture.regions import (RegionCapture, RegionRefusal, SpliceError, has_higher_order_ops,
+                              softmax_calls)
 from .lowering.extract import node_shape
 from .lowering.match import AttentionMatch, MatchFailure, find_softmax_nodes, match_attention
 from .lowering.rewrite import rewrite_attention
@@ -54,60 +56,99 @@ def _record(report: SiteReport) -> None:
 
 _graph_counter = [0]
 
+#: tests only: send every graph through region capture (to compare it with the whole-graph capture)
+_ALWAYS_REGIONS = False
 
-def _softmax_calls(gm: fx.GraphModule) -> list[str]:
-    """Names of softmax calls in a Dynamo graph and its subgraphs (checkpointed regions included)."""
-    import torch.nn.functional as F
 
-    targets = {torch.softmax, F.softmax, torch.special.softmax, torch._softmax}
-    names = []
-    for mod in gm.modules():
-        if not isinstance(mod, fx.GraphModule):
-            continue
-        for node in mod.graph.nodes:
-            if (node.op == "call_function" and node.target in targets) or \
-                    (node.op == "call_method" and node.target == "softmax"):
-                names.append(node.name)
-    return names
+def _rewrite_sites(aten_gm: fx.GraphModule, softmaxes: list[fx.Node], graph_id: int, first_site: int,
+                   options: BackendOptions, splice: Callable[[AttentionMatch], None], real_inputs: dict,
+                   source_names: dict, prefix: str = "") -> list[SiteReport]:
+    """Match every softmax of an aten graph and hand each match to ``splice``; one SiteReport each.
+
+    ``splice`` may raise SpliceError: the site is then reported not rewritten, with its reason."""
+    reports: list[SiteReport] = []
+    for i, sm in enumerate(softmaxes, start=first_site):
+        if not options.rewrite:
+            report = describe_failure(graph_id, i, sm, MatchFailure("rewriting disabled by options", sm.name))
+        else:
+            try:
+                m = match_attention(aten_gm, sm, fully_masked_rows=options.fully_masked_rows)
+            except Exception as exc:  # noqa: BLE001 - a bug of ours must not break the user's compile
+                log.warning("attn_inductor: internal error while matching %s: %s", sm.name, exc, exc_info=True)
+                m = MatchFailure(f"internal error in the matcher: {type(exc).__name__}: {exc}", sm.name)
+            if isinstance(m, MatchFailure):
+                report = describe_failure(graph_id, i, sm, m)
+            else:
+                report = describe_match(graph_id, i, m, real_inputs, options, source_names)
+                try:
+                    splice(m)
+                except SpliceError as exc:
+                    report = describe_failure(graph_id, i, sm, MatchFailure(
+                        f"matched, but the rewrite could not be put back into the graph: {exc}", sm.name))
+        if prefix and report.node:
+            report.node = prefix + report.node
+        reports.append(report)
+    return reports
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
                   ) -> tuple[fx.GraphModule | None, list[SiteReport]]:
-    """Capture and rewrite every attention site.  Returns (aten graph or None, reports)."""
+    """Capture and rewrite every attention site.  Returns (graph for Inductor or None, reports).
+
+    Graphs without higher-order ops are re-traced whole (``capture_aten_graph``) and the rewritten aten
+    graph is returned; graphs with them keep their HOPs opaque (Note [region capture]) and the returned
+    graph is Dynamo's, with each rewritten P·V spliced in."""
     _graph_counter[0] += 1
     graph_id = _graph_counter[0]
+    config = json.dumps(options.runtime_config(), sort_keys=True)
+    if _ALWAYS_REGIONS or has_higher_order_ops(gm):
+        return _rewrite_keeping_hops(gm, example_inputs, options, graph_id, config)
     reports: list[SiteReport] = []
     try:
         aten_gm = capture_aten_graph(gm, example_inputs)
     except CaptureError as exc:
         # we cannot see inside; if there is a softmax, there may be attention: say so
-        for i, name in enumerate(_softmax_calls(gm)):
+        for i, name in enumerate(softmax_calls(gm)):
             reports.append(SiteReport(graph=graph_id, site=i, node=name, rewritten=False,
                                       reason=f"graph not captured: {exc}"))
         return None, reports
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
     source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
-    config = json.dumps(options.runtime_config(), sort_keys=True)
-    for i, sm in enumerate(find_softmax_nodes(aten_gm)):
-        if not options.rewrite:
-            reports.append(describe_failure(graph_id, i, sm, MatchFailure("rewriting disabled by options", sm.name)))
-            continue
-        try:
-            m = match_attention(aten_gm, sm, fully_masked_rows=options.fully_masked_rows)
-        except Exception as exc:  # noqa: BLE001 - a bug of ours must not break the user's compile
-            log.warning("attn_inductor: internal error while matching %s: %s", sm.name, exc, exc_info=True)
-            m = MatchFailure(f"internal error in the matcher: {type(exc).__name__}: {exc}", sm.name)
-        if isinstance(m, MatchFailure):
-            reports.append(describe_failure(graph_id, i, sm, m))
-            continue
-        report = describe_match(graph_id, i, m, real_inputs, options, source_names)
-        rewrite_attention(aten_gm, m, config)
-        reports.append(report)
+    reports = _rewrite_sites(aten_gm, find_softmax_nodes(aten_gm), graph_id, 0, options,
+                             lambda m: rewrite_attention(aten_gm, m, config), real_inputs, source_names)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.graph.lint()
     aten_gm.recompile()
     return aten_gm, reports
+
+
+def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOptions, graph_id: int,
+                          config: str) -> tuple[fx.GraphModule | None, list[SiteReport]]:
+    """Region capture (Note [region capture]): every graph, top level and transparent HOP bodies, on its own."""
+    reports: list[SiteReport] = []
+    capture = RegionCapture(gm, example_inputs)
+    for region in capture.regions():
+        if isinstance(region, RegionRefusal):
+            for name in region.softmax_names:
+                reports.append(SiteReport(graph=graph_id, site=len(reports), node=region.prefix + name,
+                                          rewritten=False, reason=region.reason))
+            continue
+        softmaxes = find_softmax_nodes(region.aten_gm)
+        first = len(reports)
+        try:
+            reports += _rewrite_sites(region.aten_gm, softmaxes, graph_id, first, options,
+                                      lambda m: region.splice(m, config), region.real_inputs,
+                                      region.source_names, region.prefix)
+            region.commit()
+        except Exception as exc:  # noqa: BLE001 - this graph is left as Dynamo produced it
+            log.warning("attn_inductor: rewrite of %s failed, left to stock Inductor: %s",
+                        region.prefix or "the graph", exc, exc_info=True)
+            del reports[first:]
+            for i, sm in enumerate(softmaxes, start=first):
+                reports.append(SiteReport(graph=graph_id, site=i, node=region.prefix + sm.name, rewritten=False,
+                                          reason=f"internal error: {type(exc).__name__}: {exc}"))
+    return capture.result(), reports
 
 
 def flexattn_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=None, _explain_only: bool = False):

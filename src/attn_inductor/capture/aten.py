@@ -24,8 +24,9 @@ class CaptureError(RuntimeError):
 
 def _refuse_higher_order_ops(gm: torch.fx.GraphModule) -> None:
     """Note [higher-order ops]: ``make_fx`` inlines an ``autograd.Function`` (or a checkpointed region)
-    as plain ops run under no_grad, which would silently drop its backward.  Such graphs are left to
-    stock Inductor whole, until capture learns to keep those regions opaque."""
+    as plain ops run under no_grad, which would silently drop its backward.  So this whole-graph capture
+    never sees such graphs: the backend sends them to ``regions.py`` (Note [region capture]), which keeps
+    the HOPs opaque.  The check stays here so that a direct caller cannot lose a backward either."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
             name = getattr(node.target, "__name__", str(node.target))
