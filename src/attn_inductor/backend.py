@@ -21,8 +21,7 @@ import torch.fx as fx
 
 from . import _compat, ops  # noqa: F401  (ops registers the custom op)
 from .capture.aten import CaptureError, capture_aten_graph
-from .capture.regions import (RegionCapture, RegionRefusal, SpliceError, has_higher_order_ops,
-                              softmax_calls)
+from .capture.regions import RegionCapture, SpliceError, has_higher_order_ops, softmax_calls
 from .lowering.extract import node_shape
 from .lowering.match import AttentionMatch, MatchFailure, find_softmax_nodes, match_attention
 from .lowering.rewrite import rewrite_attention
@@ -62,7 +61,7 @@ _ALWAYS_REGIONS = False
 
 def _rewrite_sites(aten_gm: fx.GraphModule, softmaxes: list[fx.Node], graph_id: int, first_site: int,
                    options: BackendOptions, splice: Callable[[AttentionMatch], None], real_inputs: dict,
-                   source_names: dict, prefix: str = "") -> list[SiteReport]:
+                   source_names: dict, prefix_of: Callable[[fx.Node], str] | None = None) -> list[SiteReport]:
     """Match every softmax of an aten graph and hand each match to ``splice``; one SiteReport each.
 
     ``splice`` may raise SpliceError: the site is then reported not rewritten, with its reason."""
@@ -85,6 +84,7 @@ def _rewrite_sites(aten_gm: fx.GraphModule, softmaxes: list[fx.Node], graph_id: 
                 except SpliceError as exc:
                     report = describe_failure(graph_id, i, sm, MatchFailure(
                         f"matched, but the rewrite could not be put back into the graph: {exc}", sm.name))
+        prefix = prefix_of(sm) if prefix_of is not None else ""
         if prefix and report.node:
             report.node = prefix + report.node
         reports.append(report)
@@ -125,30 +125,28 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
 
 def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOptions, graph_id: int,
                           config: str) -> tuple[fx.GraphModule | None, list[SiteReport]]:
-    """Region capture (Note [region capture]): every graph, top level and transparent HOP bodies, on its own."""
-    reports: list[SiteReport] = []
-    capture = RegionCapture(gm, example_inputs)
-    for region in capture.regions():
-        if isinstance(region, RegionRefusal):
-            for name in region.softmax_names:
-                reports.append(SiteReport(graph=graph_id, site=len(reports), node=region.prefix + name,
-                                          rewritten=False, reason=region.reason))
-            continue
-        softmaxes = find_softmax_nodes(region.aten_gm)
-        first = len(reports)
-        try:
-            reports += _rewrite_sites(region.aten_gm, softmaxes, graph_id, first, options,
-                                      lambda m: region.splice(m, config), region.real_inputs,
-                                      region.source_names, region.prefix)
-            region.commit()
-        except Exception as exc:  # noqa: BLE001 - this graph is left as Dynamo produced it
-            log.warning("attn_inductor: rewrite of %s failed, left to stock Inductor: %s",
-                        region.prefix or "the graph", exc, exc_info=True)
-            del reports[first:]
-            for i, sm in enumerate(softmaxes, start=first):
-                reports.append(SiteReport(graph=graph_id, site=i, node=region.prefix + sm.name, rewritten=False,
-                                          reason=f"internal error: {type(exc).__name__}: {exc}"))
-    return capture.result(), reports
+    """Region capture (Note [region capture]): HOPs stay opaque, transparent bodies are rewritten in place."""
+    try:
+        capture = RegionCapture(gm, example_inputs)
+    except CaptureError as exc:
+        return None, [SiteReport(graph=graph_id, site=i, node=name, rewritten=False, reason=f"graph not captured: {exc}")
+                      for i, name in enumerate(softmax_calls(gm))]
+    softmaxes = find_softmax_nodes(capture.aten_gm)
+    try:
+        reports = _rewrite_sites(capture.aten_gm, softmaxes, graph_id, 0, options,
+                                 lambda m: capture.splice(m, config), capture.real_inputs, capture.source_names,
+                                 capture.prefix_of)
+        new_gm = capture.commit()
+    except Exception as exc:  # noqa: BLE001 - the graph is left as Dynamo produced it
+        log.warning("attn_inductor: region rewrite failed, compiling with stock Inductor: %s", exc, exc_info=True)
+        reports = [SiteReport(graph=graph_id, site=i, node=capture.prefix_of(sm) + sm.name, rewritten=False,
+                              reason=f"internal error: {type(exc).__name__}: {exc}") for i, sm in enumerate(softmaxes)]
+        new_gm = None
+    for refusal in capture.refusals:
+        for name in refusal.softmax_names:
+            reports.append(SiteReport(graph=graph_id, site=len(reports), node=refusal.prefix + name,
+                                      rewritten=False, reason=refusal.reason))
+    return new_gm, reports
 
 
 def flexattn_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=None, _explain_only: bool = False):

@@ -8,42 +8,48 @@ checkpointing) as plain ops under no_grad, dropping its backward (Note
 [higher-order ops] in ``aten.py``).  So a graph that contains one is never
 handed to ``compile_fx`` as an aten re-trace.  Instead:
 
-1. *Trace with HOPs opaque.*  An ``fx.Interpreter`` runs the Dynamo graph under
-   ``make_fx`` (Dynamo's fake mode); a HOP node is not run, its outputs are
-   extra graph inputs (fresh fakes with the metadata Dynamo recorded).  The
-   aten graph so obtained sees every op outside the HOPs, exactly the context
-   the whole-graph capture gives the matcher, and is used for matching only:
-   it is never run.  Its outputs are the Dynamo graph's outputs plus the HOPs'
-   operands (so "used elsewhere" still means what it means in the program).
-2. *Value map.*  The trace also returns every Dynamo node's tensor value, which
-   maps each aten node that holds one to the Dynamo nodes holding the same
-   tensor.  Graphs whose trace mutates a tensor in place are refused: with
-   mutation, "same tensor" would not mean "same value" at the splice point.
-3. *Match and rewrite on the aten graph* (``match_attention``,
+1. *Trace for matching only.*  ``fx.Interpreter`` runs a private copy of the
+   Dynamo graph under ``make_fx`` (Dynamo's fake mode).  An *opaque* HOP is not
+   run: its outputs are extra inputs of the trace (fresh fakes with Dynamo's
+   metadata).  A *transparent* HOP (``tag_activation_checkpoint``, ``wrap``:
+   AOTAutograd runs their body as plain code, re-running a checkpointed body in
+   the backward) has its body run inline, so attention inside a checkpointed
+   layer is matched with the context outside it (the mask built from
+   ``attention_mask`` before the layers).  The aten graph is never run.  Its
+   outputs are what the program consumes outside the traced ops (graph
+   outputs, opaque HOP operands, body outputs), so "used elsewhere" keeps its
+   meaning for the matcher.
+2. *Value map* (Note [values and mutation]).  Right after each Dynamo node
+   runs, the aten node that holds each of its tensors is recorded (the proxy of
+   the very tensor object).  A Dynamo node and an aten node so paired hold the
+   same tensor object, so at any later point of the program they read the same
+   contents, in-place ops included; that is all a splice relies on.
+3. *Match and rewrite the aten graph* (``match_attention``,
    ``rewrite_attention``), unchanged.
-4. *Splice.*  The nodes the rewrite added (layout views, the op, and whatever
-   produces a captured tensor that is not itself a Dynamo value) are copied
-   into a private copy of the Dynamo graph just before the Dynamo node that
-   holds the P·V value, reading mapped Dynamo nodes where the aten graph reads
-   mapped aten nodes; that P·V node's uses are rerouted and the code that only
-   fed it is removed.  Nothing else in the Dynamo graph changes, HOPs included,
-   so AOTAutograd later traces their own forward and backward.
-5. *Bodies.*  ``tag_activation_checkpoint`` and ``wrap`` run their body as
-   plain code under AOTAutograd (the body is re-run in the backward, which is
-   what checkpointing means), so the same capture is applied to the body
-   sub-GraphModule (a copy, swapped in on the copied parent).  Other HOP bodies
-   (an ``autograd.Function``'s forward/backward, control flow) are left as
-   written and their softmaxes reported with the reason.
+4. *Splice.*  The P·V value belongs to one Dynamo graph G (top level or a
+   body).  The nodes the rewrite added (layout views, the op) and any producer
+   of theirs that is not a Dynamo value are copied into G just before G's P·V
+   node, whose uses are rerouted; code that only fed it is removed.  A value
+   the copy reads that G does not have but an enclosing graph does (the
+   ``attention_mask`` a checkpointed layer never received) is *threaded*: a new
+   operand of the HOP, a new placeholder of the body.  Recomputing a producer
+   at P·V instead of where it ran is refused when the trace mutates anything
+   or the producer is random.  Nothing else changes, HOPs included, so
+   AOTAutograd later traces their own forward and backward.
+5. *Commit.*  Dead code is removed per graph; body inputs left unused are
+   dropped with their HOP operands (the 4-D mask a layer no longer reads is
+   then not built at all).
 
-Every graph (top level or body) succeeds or fails on its own; a failing graph
-is left exactly as Dynamo produced it.  The caller's graph is never mutated.
+The caller's GraphModule and its bodies are never mutated: copies are made up
+front and the result is a new top-level module, or None (nothing rewritten).
+Softmaxes inside opaque HOP bodies (an ``autograd.Function``'s forward) are
+reported with the reason and left as written.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -55,14 +61,12 @@ from ..lowering.match import AttentionMatch
 from ..lowering.rewrite import rewrite_attention
 from .aten import CaptureError
 
-#: HOPs whose body AOTAutograd runs as plain code: attention inside is rewritten in place
-TRANSPARENT_HOPS: tuple[str, ...] = ()
+#: HOPs whose body AOTAutograd runs as plain code (operands in, outputs out): traced inline, rewritten in place
+TRANSPARENT_HOPS = ("tag_activation_checkpoint", "wrap")
 
 _OPAQUE_BODY_REASON = {
     "autograd_function_apply": "inside a custom torch.autograd.Function (higher-order op `autograd_function_apply`); "
                                "its forward and backward are left as written",
-    "tag_activation_checkpoint": "inside an activation-checkpointed region (higher-order op "
-                                 "`tag_activation_checkpoint`): not rewritten yet",
 }
 
 
@@ -107,52 +111,12 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _body_attrs(hop: fx.Node) -> list[str]:
-    """get_attr targets among a HOP's arguments (its body sub-GraphModules)."""
-    return [a.target for a in (*hop.args, *hop.kwargs.values()) if isinstance(a, fx.Node) and a.op == "get_attr"]
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-# ----------------------------------------------------------------------------- one graph
-
-
-@dataclass
-class InputInfo:
-    """What is known about a graph input: the real example tensor and a readable name."""
-
-    real: object = None
-    name: str | None = None
-
-
-def _operand_info(operand, ph_info: dict) -> InputInfo:
-    """A body input: the outer graph's input it comes from, or at least the outer value's name."""
-    if not isinstance(operand, fx.Node):
-        return InputInfo()
-    return ph_info.get(operand) or InputInfo(name=operand.name)
-
-
-@dataclass
-class RegionRefusal:
-    """A graph (or HOP body) we cannot work in: its softmaxes are reported with ``reason``."""
-
-    prefix: str
-    softmax_names: list[str]
-    reason: str
-
-
-class _OpaqueHopInterpreter(fx.Interpreter):
-    """Runs a Dynamo graph under make_fx; HOP nodes are not run (their outputs are given), and every
-    node's value is reported to ``record`` right after it is computed."""
-
-    def __init__(self, gm: fx.GraphModule, hop_values: dict, record):
-        super().__init__(gm, garbage_collect_values=False)
-        self.hop_values = hop_values
-        self.record = record
-
-    def run_node(self, n: fx.Node):
-        val = self.hop_values[n] if n in self.hop_values else super().run_node(n)
-        if n.op != "get_attr":
-            self.record(n, val)
-        return val
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
 
 def _fresh_fake(t: torch.Tensor) -> torch.Tensor:
@@ -160,35 +124,126 @@ def _fresh_fake(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Region:
-    """One Dynamo graph (a private copy), traced with HOPs opaque, ready for matching and splicing."""
+class RegionRefusal:
+    """Softmaxes we cannot work on (inside an opaque HOP body), reported with ``reason``."""
 
     prefix: str
-    gm: fx.GraphModule                   # private copy of the Dynamo graph: splices go here
-    aten_gm: fx.GraphModule              # matching only; never run
-    values: dict                         # aten node -> [(Dynamo node, pytree path)], Dynamo graph order
-    real_inputs: dict                    # aten placeholder -> real example input
-    source_names: dict                   # aten placeholder -> readable name
-    fake_mode: object = None
-    mutates: bool = False                # the trace has an in-place op (Note [values and mutation])
-    spliced: int = 0
-    committed: bool = False
-    _erased_inputs: list = field(default_factory=list)
+    softmax_names: list[str]
+    reason: str
 
-    # -- 1, 2: trace --------------------------------------------------------
-    @classmethod
-    def trace(cls, gm: fx.GraphModule, prefix: str, inputs: list[InputInfo], fake_mode) -> "Region":
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        fakes = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
-        if any(f is None for f in fakes):
+
+@dataclass(eq=False)
+class _Graph:
+    """One Dynamo graph of the tree: the top level, or a transparent HOP's body (a private copy)."""
+
+    gm: fx.GraphModule
+    prefix: str
+    parent: "_Graph | None" = None
+    hop: fx.Node | None = None               # the node of parent.gm that runs this body
+    changed: bool = False
+    erased_inputs: list = field(default_factory=list)
+
+    def order(self) -> dict:
+        return {n: i for i, n in enumerate(self.gm.graph.nodes)}
+
+
+class _TreeInterpreter(fx.Interpreter):
+    """Runs one graph of the tree under make_fx: opaque HOPs give their precomputed outputs, transparent
+    ones run their body inline; every node's value is reported to ``record`` right after it is computed."""
+
+    def __init__(self, capture: "RegionCapture", g: _Graph):
+        super().__init__(g.gm, garbage_collect_values=False)
+        self.capture, self.g = capture, g
+        capture._envs[g] = self.env
+
+    def run_node(self, n: fx.Node):
+        cap = self.capture
+        if n in cap._opaque_values:
+            val = cap._opaque_values[n]
+            # what the HOP consumes is used outside the trace
+            cap._sinks.append(fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a]))
+        elif n in cap._bodies:
+            body = cap._bodies[n]
+            operands = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args[1:]]
+            val = _TreeInterpreter(cap, body).run(*operands)
+            cap._sinks.append(val)
+        else:
+            val = super().run_node(n)
+        if n.op != "get_attr":  # constants get their aten node when first used: recorded at the end
+            cap._record(self.g, n, val)
+        return val
+
+
+class RegionCapture:
+    """A Dynamo graph with HOPs, its transparent bodies, and the aten trace used to match them."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs):
+        self.fake_mode = _compat.fake_mode_of_graph(gm)
+        if self.fake_mode is None:
             raise CaptureError("Dynamo recorded no fake inputs for this graph")
-        hops = [n for n in gm.graph.nodes if is_higher_order_op(n)]
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.top = _Graph(_copy_graph_module(gm), "")
+        self.graphs: list[_Graph] = [self.top]
+        self.refusals: list[RegionRefusal] = []
+        self._bodies: dict[fx.Node, _Graph] = {}        # transparent HOP node -> its body
+        self._opaque: list[fx.Node] = []
+        self._expand(self.top)
+        self._trace(example_inputs, _compat.placeholder_source_names(gm))
 
-        # a HOP's outputs become inputs: fresh fakes, so no two inputs are the same tensor
-        hop_inputs, hop_specs = [], {}
-        with fake_mode:
-            for h in hops:
+    # -- the tree of graphs ---------------------------------------------------
+    def _expand(self, g: _Graph) -> None:
+        claimed: set[str] = set()
+        for hop in [n for n in g.gm.graph.nodes if is_higher_order_op(n)]:
+            name = hop_name(hop)
+            body_arg = hop.args[0] if hop.args else None
+            body = getattr(g.gm, body_arg.target, None) if isinstance(body_arg, fx.Node) and \
+                body_arg.op == "get_attr" else None
+            if name in TRANSPARENT_HOPS and isinstance(body, fx.GraphModule) and not hop.kwargs.keys() - {
+                    "use_reentrant", "context_fn"} and len(_placeholders(body)) == len(hop.args) - 1:
+                attr = body_arg.target
+                if attr in claimed or len(body_arg.users) > 1:  # one copy per call site: splices differ
+                    i = 0
+                    while hasattr(g.gm, f"{attr}_site{i}"):
+                        i += 1
+                    attr = f"{attr}_site{i}"
+                    with g.gm.graph.inserting_before(hop):
+                        new_arg = g.gm.graph.get_attr(attr)
+                    hop.update_arg(0, new_arg)
+                claimed.add(attr)
+                copy = _copy_graph_module(body)
+                setattr(g.gm, attr, copy)
+                child = _Graph(copy, f"{g.prefix}{attr}.", g, hop)
+                self.graphs.append(child)
+                self._bodies[hop] = child
+                self._expand(child)
+                continue
+            self._opaque.append(hop)
+            for a in (*hop.args, *hop.kwargs.values()):
+                sub = getattr(g.gm, a.target, None) if isinstance(a, fx.Node) and a.op == "get_attr" else None
+                found = softmax_calls(sub) if isinstance(sub, fx.GraphModule) else []
+                if found:
+                    reason = _OPAQUE_BODY_REASON.get(
+                        name, f"inside the body of the higher-order op `{name}`, which is left as written")
+                    self.refusals.append(RegionRefusal(f"{g.prefix}{a.target}.", found, reason))
+
+    # -- 1, 2: trace ----------------------------------------------------------
+    def _record(self, g: _Graph, node: fx.Node, val) -> None:
+        tracer = get_proxy_mode().tracer
+        for path, leaf in tree_flatten_with_path(val)[0]:
+            if isinstance(leaf, torch.Tensor):
+                proxy = get_proxy_slot(leaf, tracer, None)
+                if proxy is not None:
+                    self.values.setdefault(proxy.proxy.node, []).append((g, node, tuple(path)))
+
+    def _trace(self, example_inputs, source_names) -> None:
+        top = self.top.gm
+        placeholders = _placeholders(top)
+        fakes = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
+        if any(f is None for f in fakes) or len(fakes) != len(example_inputs):
+            raise CaptureError("Dynamo recorded no fake inputs for this graph")
+        # an opaque HOP's outputs become inputs: fresh fakes, so no two inputs are the same tensor
+        hop_inputs, specs = [], {}
+        with self.fake_mode:
+            for h in self._opaque:
                 if "example_value" not in h.meta:
                     raise CaptureError(f"Dynamo recorded no output for the higher-order op `{h.name}`")
                 leaves, spec = tree_flatten(h.meta["example_value"])
@@ -201,94 +256,102 @@ class Region:
                         slots.append(("const", leaf))
                     else:
                         raise CaptureError(f"higher-order op `{h.name}` returns a {type(leaf).__name__}")
-                hop_specs[h] = (slots, spec)
-
+                specs[h] = (slots, spec)
         n_ph = len(placeholders)
-        values: dict[fx.Node, list] = {}   # aten node -> [(Dynamo node, path)]
-
-        def record(node, val):
-            tracer = get_proxy_mode().tracer
-            for path, leaf in tree_flatten_with_path(val)[0]:
-                if isinstance(leaf, torch.Tensor):
-                    proxy = get_proxy_slot(leaf, tracer, None)
-                    if proxy is not None:
-                        values.setdefault(proxy.proxy.node, []).append((node, tuple(path)))
+        self.values: dict[fx.Node, list] = {}   # aten node -> [(_Graph, Dynamo node, path)], execution order
 
         def run(*flat):
             extra = flat[n_ph:]
-            hop_values = {}
-            for h, (slots, spec) in hop_specs.items():
-                leaves = [extra[s] if isinstance(s, int) else s[1] for s in slots]
-                hop_values[h] = spec.unflatten(leaves)
-            interp = _OpaqueHopInterpreter(gm, hop_values, record)
-            interp.run(*flat[:n_ph])
-            env = interp.env
-            for node in gm.graph.nodes:
-                if node.op == "get_attr":  # constants get their aten node when first used
-                    record(node, env.get(node))
-            # sink: what the program consumes outside the traced ops (its outputs, the HOPs' operands)
-            out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-            sinks = [out_node.args] + [(h.args, h.kwargs) for h in hops]
-            return tuple(v for v in tree_flatten(fx.node.map_arg(sinks, lambda n: env[n]))[0]
-                         if isinstance(v, torch.Tensor))
+            self._opaque_values = {h: spec.unflatten([extra[s] if isinstance(s, int) else s[1] for s in slots])
+                                   for h, (slots, spec) in specs.items()}
+            self._sinks, self._envs = [], {}
+            result = _TreeInterpreter(self, self.top).run(*flat[:n_ph])
+            for g, env in self._envs.items():
+                for node in g.gm.graph.nodes:
+                    if node.op == "get_attr":
+                        self._record(g, node, env.get(node))
+            return tuple(v for v in tree_flatten([result, self._sinks])[0] if isinstance(v, torch.Tensor))
 
         try:
-            with fake_mode:
-                aten_gm = make_fx(run, pre_dispatch=True, tracing_mode="real")(*fakes, *hop_inputs)
+            with self.fake_mode:
+                self.aten_gm = make_fx(run, pre_dispatch=True, tracing_mode="real")(*fakes, *hop_inputs)
         except Exception as exc:  # noqa: BLE001 - any tracing failure means "leave it to Inductor"
             raise CaptureError(f"aten re-trace failed: {type(exc).__name__}: {exc}") from exc
-        for lst in values.values():
-            lst.sort(key=lambda np: (order[np[0]], len(np[1])))
-        mutates = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-                      and n.target._schema.is_mutable for n in aten_gm.graph.nodes)
+        self.mutates = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                           and n.target._schema.is_mutable for n in self.aten_gm.graph.nodes)
+        aten_ph = [n for n in self.aten_gm.graph.nodes if n.op == "placeholder"]
+        self.real_inputs = {a: x for a, x in zip(aten_ph[:n_ph], example_inputs)}
+        self.source_names = {a: s for a, s in zip(aten_ph[:n_ph], source_names) if s}
 
-        aten_ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-        real_inputs, source_names = {}, {}
-        for a, info in zip(aten_ph[:n_ph], inputs):
-            if info.real is not None:
-                real_inputs[a] = info.real
-            if info.name:
-                source_names[a] = info.name
-        return cls(prefix=prefix, gm=gm, aten_gm=aten_gm, values=values, real_inputs=real_inputs,
-                   source_names=source_names, fake_mode=fake_mode, mutates=mutates)
+    def prefix_of(self, aten_node: fx.Node) -> str:
+        """The prefix (``wrap_body_0.``) of the graph whose node holds ``aten_node``'s value."""
+        for g, _node, path in self.values.get(aten_node, ()):
+            if path == ():
+                return g.prefix
+        return ""
 
-    # -- 4: splice ----------------------------------------------------------
-    def _dynamo_value(self, a: fx.Node, before: fx.Node, order: dict):
-        """(Dynamo node, path) holding aten node ``a``'s value, defined before ``before``; or None."""
-        for node, path in self.values.get(a, ()):
-            if node in order and order[node] < order[before] and \
+    # -- 4: splice -------------------------------------------------------------
+    def _plan(self, a: fx.Node, g: _Graph, before: fx.Node, orders: dict):
+        """Where graph ``g`` gets aten node ``a``'s value before node ``before``: a plan, or None."""
+        order = orders.setdefault(g, g.order())
+        for gg, node, path in self.values.get(a, ()):
+            if gg is g and node in order and order[node] < order[before] and \
                     all(isinstance(k, (SequenceKey, MappingKey)) for k in path):
-                return node, path
+                return ("ref", g, node, path, a)
+        if g.parent is not None and not self.mutates:
+            outer = self._plan(a, g.parent, g.hop, orders)
+            if outer is not None:
+                return ("thread", g, outer, a)
         return None
 
-    def splice(self, m: AttentionMatch, config: str) -> None:
-        """Rewrite site ``m`` in the aten graph and splice the result into the Dynamo graph.
+    def _materialize(self, plan, before: fx.Node) -> fx.Node:
+        if plan[0] == "ref":
+            _, g, node, path, a = plan
+            for key in path:
+                with g.gm.graph.inserting_before(before):
+                    node = g.gm.graph.call_function(
+                        operator.getitem, (node, key.idx if isinstance(key, SequenceKey) else key.key))
+                node.meta["example_value"] = a.meta.get("val")
+            return node
+        _, g, outer, a = plan
+        outer_node = self._materialize(outer, g.hop)
+        graph = g.gm.graph
+        with graph.inserting_after(_placeholders(g.gm)[-1]):
+            ph = graph.placeholder(outer_node.name)
+        ph.meta["example_value"] = a.meta.get("val")
+        g.hop.args = (*g.hop.args, outer_node)
+        g.changed = g.parent.changed = True
+        self.values.setdefault(a, []).insert(0, (g, ph, ()))
+        return ph
 
-        Raises SpliceError (Dynamo graph untouched) when the site cannot be spliced."""
-        graph = self.gm.graph
-        order = {n: i for i, n in enumerate(graph.nodes)}
+    def splice(self, m: AttentionMatch, config: str) -> None:
+        """Rewrite site ``m`` in the aten graph and splice the result into its Dynamo graph.
+
+        Raises SpliceError, Dynamo graphs untouched, when the site cannot be spliced."""
         pv = m.output
-        dyn_pv = next((n for n, path in self.values.get(pv, ()) if path == () and n in order), None)
-        if dyn_pv is None:
+        hit = next(((g, n) for g, n, path in self.values.get(pv, ()) if path == ()), None)
+        if hit is None:
             raise SpliceError(f"P·V `{pv.name}` is computed inside a Dynamo op, not a value of the graph")
+        g, dyn_pv = hit
         expected = dyn_pv.meta.get("example_value")
 
         anchor = pv.next
         existing = set(self.aten_gm.graph.nodes)
         rewrite_attention(self.aten_gm, m, config)
         out = anchor.prev
-        self.values[out] = [(dyn_pv, ())]  # same value as the node it replaces, until spliced
+        self.values[out] = [(g, dyn_pv, ())]  # same value as the node it replaces, until spliced
 
-        # plan: aten nodes to copy (not Dynamo values) and where the others come from
+        # plan, without touching a Dynamo graph: copies go into g before dyn_pv
+        orders: dict = {}
         resolved, to_copy, stack = {}, set(), [out]
         while stack:
             a = stack.pop()
             if a in resolved or a in to_copy:
                 continue
             if a is not out:
-                hit = self._dynamo_value(a, dyn_pv, order)
-                if hit is not None:
-                    resolved[a] = hit
+                plan = self._plan(a, g, dyn_pv, orders)
+                if plan is not None:
+                    resolved[a] = plan
                     continue
             if a.op != "call_function":
                 raise SpliceError(f"`{a.name}` ({a.op}) feeds the rewritten site but is not a value of the graph")
@@ -306,9 +369,10 @@ class Region:
 
         # the rewrite's new nodes carry no fake values yet: run them on fakes (also a check that they run)
         aten_order = {n: i for i, n in enumerate(self.aten_gm.graph.nodes)}
+        copies = sorted(to_copy, key=aten_order.__getitem__)
         try:
             with self.fake_mode:
-                for a in sorted(to_copy, key=aten_order.__getitem__):
+                for a in copies:
                     if "val" not in a.meta:
                         args, kwargs = fx.node.map_arg((a.args, a.kwargs), lambda x: x.meta["val"])
                         a.meta["val"] = a.target(*args, **kwargs)
@@ -317,43 +381,64 @@ class Region:
                 from exc
         got = out.meta.get("val")
         if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)
-                and got.shape == expected.shape and got.dtype == expected.dtype
-                and _same_strides(got, expected)):
+                and got.shape == expected.shape and got.dtype == expected.dtype and _same_strides(got, expected)):
             raise SpliceError(f"the op's output ({_describe(got)}) does not have P·V's layout ({_describe(expected)})")
 
-        # execute: nothing above touched the Dynamo graph
-        env = {}
+        # execute
+        env = {a: self._materialize(plan, dyn_pv) for a, plan in resolved.items()}
+        graph = g.gm.graph
         with graph.inserting_before(dyn_pv):
-            for a, (node, path) in resolved.items():
-                for key in path:
-                    node = graph.call_function(operator.getitem, (node, key.idx if isinstance(key, SequenceKey)
-                                                                  else key.key))
-                env[a] = node
-            for a in sorted(to_copy, key=aten_order.__getitem__):
+            for a in copies:
                 new = graph.node_copy(a, lambda x: env[x])
-                if "val" in a.meta:
-                    new.meta["example_value"] = a.meta["val"]
+                new.meta["example_value"] = a.meta["val"]
                 env[a] = new
         dyn_pv.replace_all_uses_with(env[out])
-        self._erased_inputs.extend(dyn_pv.all_input_nodes)
+        g.erased_inputs.extend(dyn_pv.all_input_nodes)
         graph.erase_node(dyn_pv)
-        self.values[out] = [(env[out], ())]
-        self.spliced += 1
+        self.values[out] = [(g, env[out], ())]
+        g.changed = True
 
-    def commit(self) -> None:
-        """Remove the code that only fed replaced P·V nodes, check and recompile the graph."""
-        graph = self.gm.graph
-        work = list(self._erased_inputs)
-        while work:
-            n = work.pop()
-            if getattr(n, "_erased", False) or n.users or not _removable(n):
+    # -- 5: commit ---------------------------------------------------------------
+    def commit(self) -> fx.GraphModule | None:
+        """Clean up and recompile the changed graphs; the new top-level module, or None if none changed."""
+        if not any(g.changed for g in self.graphs):
+            return None
+        for g in reversed(self.graphs):  # bodies before the graphs that call them
+            if not g.changed:
                 continue
-            inputs = n.all_input_nodes
-            graph.erase_node(n)
-            work.extend(inputs)
-        graph.lint()
-        self.gm.recompile()
-        self.committed = True
+            _remove_dead(g.gm.graph, g.erased_inputs)
+            if g.hop is not None:
+                self._drop_unused_inputs(g)
+            g.gm.graph.lint()
+            g.gm.recompile()
+        return self.top.gm
+
+    def _drop_unused_inputs(self, g: _Graph) -> None:
+        hop, graph = g.hop, g.gm.graph
+        operands = list(hop.args[1:])
+        keep = []
+        for ph, operand in zip(_placeholders(g.gm), operands):
+            if ph.users:
+                keep.append(operand)
+            else:
+                graph.erase_node(ph)
+                if isinstance(operand, fx.Node):
+                    g.parent.erased_inputs.append(operand)
+        if len(keep) != len(operands):
+            hop.args = (hop.args[0], *keep)
+            g.parent.changed = True
+
+
+def _remove_dead(graph: fx.Graph, start: list) -> None:
+    """Erase nodes made dead by our edits (only those: ``start`` and what only they used)."""
+    work = list(start)
+    while work:
+        n = work.pop()
+        if getattr(n, "_erased", False) or n.users or not _removable(n):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        work.extend(inputs)
 
 
 def _removable(n: fx.Node) -> bool:
@@ -364,8 +449,17 @@ def _removable(n: fx.Node) -> bool:
         return not (t.endswith("_") and not t.endswith("__"))
     if isinstance(t, torch._ops.OpOverload):
         return not t._schema.is_mutable
+    if t in _INPLACE_OPERATORS:
+        return False
+    if getattr(t, "__module__", None) in ("_operator", "operator"):
+        return True
     name = getattr(t, "__name__", "")
-    return not (name.endswith("_") and not name.endswith("__"))
+    return not (name.endswith("_") and not name.endswith("__"))  # torch.relu_ and friends
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.iand, operator.iconcat, operator.ifloordiv, operator.ilshift,
+                      operator.imatmul, operator.imod, operator.imul, operator.ior, operator.ipow, operator.irshift,
+                      operator.isub, operator.itruediv, operator.ixor, operator.setitem, operator.delitem}
 
 
 def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -377,78 +471,3 @@ def _describe(v) -> str:
     if isinstance(v, torch.Tensor):
         return f"{str(v.dtype).replace('torch.', '')}{list(v.shape)} strides {list(v.stride())}"
     return type(v).__name__
-
-
-# ----------------------------------------------------------------------------- the walk
-
-
-class RegionCapture:
-    """Walk a Dynamo graph with HOPs: yields a :class:`Region` (or :class:`RegionRefusal`) for the top
-    level, then for each transparent HOP body, depth first.  The consumer matches and splices each
-    Region and calls ``commit()`` (or nothing, which leaves that graph as it was); ``result()`` is
-    then the rewritten top-level module, or None when nothing was rewritten."""
-
-    def __init__(self, gm: fx.GraphModule, example_inputs):
-        self.gm = gm
-        self.example_inputs = list(example_inputs)
-        self._result = None
-
-    def regions(self) -> Iterator[Region | RegionRefusal]:
-        fake_mode = _compat.fake_mode_of_graph(self.gm)
-        names = _compat.placeholder_source_names(self.gm)
-        inputs = [InputInfo(real, name) for real, name in zip(self.example_inputs, names)]
-        self._done: dict[int, fx.GraphModule | None] = {}
-        self._result = yield from self._walk(self.gm, "", inputs, fake_mode)
-
-    def result(self) -> fx.GraphModule | None:
-        return self._result
-
-    def _walk(self, gm, prefix, inputs, fake_mode):
-        work, region = _copy_graph_module(gm), None
-        if fake_mode is None:
-            yield RegionRefusal(prefix, softmax_calls(gm, recurse=False),
-                                "graph not captured: Dynamo recorded no fake inputs for this graph")
-        else:
-            try:
-                region = Region.trace(work, prefix, inputs, fake_mode)
-            except CaptureError as exc:
-                yield RegionRefusal(prefix, softmax_calls(gm, recurse=False), f"graph not captured: {exc}")
-            else:
-                yield region
-                if not region.committed:
-                    work = _copy_graph_module(gm)  # whatever happened to the copy is dropped
-        changed = region is not None and region.committed and region.spliced > 0
-
-        placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
-        ph_info = {n: info for n, info in zip(placeholders, inputs)}
-        for hop in [n for n in work.graph.nodes if is_higher_order_op(n)]:
-            name = hop_name(hop)
-            for attr in _body_attrs(hop):
-                body = getattr(work, attr, None)
-                if not isinstance(body, fx.GraphModule):
-                    continue
-                sub_prefix = f"{prefix}{attr}."
-                if id(body) in self._done:
-                    new_body = self._done[id(body)]
-                elif name in TRANSPARENT_HOPS:
-                    operands = hop.args[1:]
-                    body_ph = [n for n in body.graph.nodes if n.op == "placeholder"]
-                    body_inputs = [_operand_info(o, ph_info) for o in operands] \
-                        if len(operands) == len(body_ph) else [InputInfo() for _ in body_ph]
-                    new_body = yield from self._walk(body, sub_prefix, body_inputs,
-                                                     _compat.fake_mode_of_graph(body) or fake_mode)
-                    self._done[id(body)] = new_body
-                else:
-                    found = softmax_calls(body)
-                    if found:
-                        reason = _OPAQUE_BODY_REASON.get(
-                            name, f"inside the body of the higher-order op `{name}`, which is left as written")
-                        yield RegionRefusal(sub_prefix, found, reason)
-                    self._done[id(body)] = new_body = None
-                if new_body is not None:
-                    setattr(work, attr, new_body)
-                    changed = True
-        if changed:
-            work.recompile()
-            return work
-        return None
