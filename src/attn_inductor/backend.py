@@ -21,7 +21,8 @@ import torch.fx as fx
 
 from . import _compat, ops  # noqa: F401  (ops registers the custom op)
 from .capture.aten import CaptureError, capture_aten_graph
-from .capture.regions import RegionCapture, SpliceError, has_higher_order_ops, softmax_calls
+from .capture.regions import (RegionCapture, SpliceError, has_higher_order_ops, refuse_opaque_score_tensor,
+                              softmax_calls)
 from .lowering.extract import node_shape
 from .lowering.match import AttentionMatch, MatchFailure, find_softmax_nodes, match_attention
 from .lowering.rewrite import rewrite_attention
@@ -61,10 +62,12 @@ _ALWAYS_REGIONS = False
 
 def _rewrite_sites(aten_gm: fx.GraphModule, softmaxes: list[fx.Node], graph_id: int, first_site: int,
                    options: BackendOptions, splice: Callable[[AttentionMatch], None], real_inputs: dict,
-                   source_names: dict, prefix_of: Callable[[fx.Node], str] | None = None) -> list[SiteReport]:
+                   source_names: dict, prefix_of: Callable[[fx.Node], str] | None = None,
+                   vet: Callable[[AttentionMatch], str | None] | None = None) -> list[SiteReport]:
     """Match every softmax of an aten graph and hand each match to ``splice``; one SiteReport each.
 
-    ``splice`` may raise SpliceError: the site is then reported not rewritten, with its reason."""
+    ``vet`` may refuse a match (returns the reason); ``splice`` may raise SpliceError: either way the
+    site is reported not rewritten, with its reason."""
     reports: list[SiteReport] = []
     for i, sm in enumerate(softmaxes, start=first_site):
         if not options.rewrite:
@@ -75,6 +78,8 @@ def _rewrite_sites(aten_gm: fx.GraphModule, softmaxes: list[fx.Node], graph_id: 
             except Exception as exc:  # noqa: BLE001 - a bug of ours must not break the user's compile
                 log.warning("attn_inductor: internal error while matching %s: %s", sm.name, exc, exc_info=True)
                 m = MatchFailure(f"internal error in the matcher: {type(exc).__name__}: {exc}", sm.name)
+            if not isinstance(m, MatchFailure) and vet is not None and (refusal := vet(m)):
+                m = MatchFailure(refusal, sm.name)
             if isinstance(m, MatchFailure):
                 report = describe_failure(graph_id, i, sm, m)
             else:
@@ -135,7 +140,7 @@ def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOp
     try:
         reports = _rewrite_sites(capture.aten_gm, softmaxes, graph_id, 0, options,
                                  lambda m: capture.splice(m, config), capture.real_inputs, capture.source_names,
-                                 capture.prefix_of)
+                                 capture.prefix_of, lambda m: refuse_opaque_score_tensor(m, capture.source_names))
         new_gm = capture.commit()
     except Exception as exc:  # noqa: BLE001 - the graph is left as Dynamo produced it
         log.warning("attn_inductor: region rewrite failed, compiling with stock Inductor: %s", exc, exc_info=True)

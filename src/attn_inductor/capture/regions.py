@@ -57,6 +57,8 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, m
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path
 
 from .. import _compat
+from ..lowering import expr as E
+from ..lowering.extract import node_shape
 from ..lowering.match import AttentionMatch
 from ..lowering.rewrite import rewrite_attention
 from .aten import CaptureError
@@ -68,6 +70,35 @@ _OPAQUE_BODY_REASON = {
     "autograd_function_apply": "inside a custom torch.autograd.Function (higher-order op `autograd_function_apply`); "
                                "its forward and backward are left as written",
 }
+
+
+def refuse_opaque_score_tensor(m: AttentionMatch, names: dict) -> str | None:
+    """Note [opaque score tensors]: a reason to leave site ``m`` alone, or None.
+
+    A float tensor the live score reads at [.., q_idx, kv_idx] (one dimension per query, one per key)
+    is one the matcher could not see into: typically a 4-D mask built with finfo.min in an earlier graph
+    (HF's T5 decoder under checkpointing graph-breaks on a logging call and hands its mask to the next
+    graph).  The op's forward is exact for it, but its backward is not on a row such a tensor masks
+    entirely: the fp32 log-sum-exp of finfo.min-sized scores cannot hold + log(n), so P comes back as 1
+    instead of 1/n and dq/dk/dv are wrong (also on the whole-graph path; the op's to fix).  Masks that
+    are recognised (``where``/``masked_fill``/finfo.min arithmetic the matcher reads) take the soft-mask
+    path, which is exact.  Region capture is what newly reaches such graphs (checkpointed models with a
+    graph break), so it refuses them rather than trade a correct stock-Inductor site for wrong gradients.
+    """
+    for ld in E.loads(m.spec.score_live):
+        if not E.is_float(ld.dtype):
+            continue
+        uses = [{e.name for e in ix.walk() if isinstance(e, E.Index)} for ix in ld.indices]
+        q_dims = [i for i, u in enumerate(uses) if "q_idx" in u]
+        kv_dims = [i for i, u in enumerate(uses) if "kv_idx" in u]
+        if any(i != j for i in q_dims for j in kv_dims):
+            node = m.captured[ld.buffer]
+            name = names.get(node) or node.name
+            return (f"the scores add `{name}`{list(node_shape(node))}, a float tensor over (query, key) the matcher "
+                    "cannot see into (e.g. a mask built before a graph break); the op's backward is not exact on "
+                    "rows such a tensor masks entirely (finfo.min), so this site is left to stock Inductor "
+                    "(Note [opaque score tensors])")
+    return None
 
 
 class SpliceError(RuntimeError):
@@ -298,7 +329,7 @@ class RegionCapture:
             if gg is g and node in order and order[node] < order[before] and \
                     all(isinstance(k, (SequenceKey, MappingKey)) for k in path):
                 return ("ref", g, node, path, a)
-        if g.parent is not None and not self.mutates:
+        if g.parent is not None:  # same tensor object, passed by reference: as sound as a direct reference
             outer = self._plan(a, g.parent, g.hop, orders)
             if outer is not None:
                 return ("thread", g, outer, a)
