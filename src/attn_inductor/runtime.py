@@ -33,6 +33,7 @@ until the masks package provides it).  What it does not do: dropout.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -109,10 +110,33 @@ def attention_forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Ten
         lse_fallback = torch.where(soft_rows, lse_fb, -math.inf)
     else:
         lse_fallback = lse.new_empty(0)
-    if spec.fully_masked_rows == "eager" and spec.mask is not None and not nan_in_core:
+    if spec.fully_masked_rows == "eager" and not nan_in_core and _may_have_empty_rows(spec, q, k):
         # only a hard mask can leave a row with no entry at all
         out = _poison_rows(out, _no_hard_entry(lse, lse_fallback))
     return out, lse, lse_fallback
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
+    """True when every query row has at least one entry passing ``pred`` (causal, sliding window,
+    prefix-LM ...), so no row can be fully masked and the NaN-row bookkeeping can be skipped.
+
+    Decided exactly, once per (predicate, lengths), for predicates over ``q_idx``/``kv_idx`` only;
+    anything else (document ids, padding masks) answers False, which is always safe."""
+    if not E.free_symbols(pred) <= {"q_idx", "kv_idx"}:
+        return False
+    kv = torch.arange(kv_len, device=device).view(1, -1)
+    rows = max(1, (1 << 16) // max(kv_len, 1))  # bounded memory, like the tiles
+    for q0 in range(0, q_len, rows):
+        q = torch.arange(q0, min(q0 + rows, q_len), device=device).view(-1, 1)
+        keep = E.evaluate(pred, {"q_idx": q, "kv_idx": kv})
+        if not bool(torch.broadcast_to(keep, (q.shape[0], kv_len)).any(-1).all()):
+            return False
+    return True
+
+
+def _may_have_empty_rows(spec: AttentionSpec, q, k) -> bool:
+    return spec.mask is not None and not _rows_always_live(spec.mask, q.shape[2], k.shape[2], str(q.device))
 
 
 def _poison_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -145,7 +169,7 @@ def attention_backward(spec: AttentionSpec, q, k, v, out, lse, lse_fallback, gra
                                               deterministic)
         dq, dk, dv = dq + fq, dk + fk, dv + fv
         dcap = [a if b is None else a + b for a, b in zip(dcap, fcap)]
-    if spec.fully_masked_rows == "eager" and spec.mask is not None:
+    if spec.fully_masked_rows == "eager" and _may_have_empty_rows(spec, q, k):
         dq, dk, dv, dcap = _nan_like_eager(spec, q, k, _no_hard_entry(lse, lse_fallback), dq, dk, dv, dcap,
                                            captured, needs)
     return dq, dk, dv, dcap
