@@ -408,6 +408,38 @@ def test_internal_error_leaves_dynamo_graph_untouched(monkeypatch):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
+def test_compile_failure_falls_back_to_stock_inductor(monkeypatch):
+    """Inductor failing on the rewritten graph (here: after AOTAutograd traced it) is our failure: the
+    site is reported with the reason and Dynamo's own graph is compiled; the step is still right."""
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+
+    def fail_inner(gm, example_inputs, **kwargs):
+        raise RuntimeError("injected by the test\nsecond line")
+
+    def compile_fx(gm, example_inputs, **kwargs):
+        ours = any(n.target == torch.ops.attn_inductor.attention.default for m in gm.modules()
+                   if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes)
+        return real(gm, example_inputs, **(kwargs | {"inner_compile": fail_inner} if ours else kwargs))
+
+    monkeypatch.setattr(cfx, "compile_fx", compile_fx)
+    torch.manual_seed(0)
+    model = Checkpointed(Block())
+    x = torch.randn(B, T, C)
+    compiled_model = copy.deepcopy(model)
+    weight = torch.randn(B, T, C, dtype=torch.float64)
+    with attn_inductor.backend.collect_reports() as reports:
+        out, grads = _step(torch.compile(compiled_model, backend="flexattn", options=OPTIONS), compiled_model, [x],
+                           weight)
+    assert [(r.rewritten, r.reason) for r in reports] == [
+        (False, "the rewritten graph failed to compile: RuntimeError: injected by the test")]
+    eager, eager_grads = _step(model, model, [x], weight)
+    torch.testing.assert_close(out, eager)
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], msg=name)
+
+
 def test_capture_failure_is_a_reason(monkeypatch):
     def fail(self, *args):
         raise regions.CaptureError("refused by the test")

@@ -3,14 +3,21 @@
 Registered through the ``torch_dynamo_backends`` entry point, so
 ``torch.compile(model, backend="flexattn")`` works without importing us.
 Everything that is not attention goes to stock Inductor (``compile_fx``)
-unchanged.  Any failure of ours — capture, matching, an internal bug — leaves
-the graph to stock Inductor with the reason recorded; it never breaks the
-user's compile.
+unchanged.  Any failure of ours — capture, matching, an internal bug, Inductor
+failing on the rewritten graph — leaves the graph to stock Inductor with the
+reason recorded; it never breaks the user's compile.
+
+Two captures: a graph without higher-order ops is re-traced whole to aten
+(``capture/aten.py``) and the rewritten aten graph goes to Inductor; a graph
+with them (an ``autograd.Function``, activation checkpointing) keeps them
+opaque and gets the op spliced into Dynamo's own graph, checkpointed bodies
+included (``capture/regions.py``, Note [region capture]).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -164,21 +171,41 @@ def flexattn_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=N
         reports = [SiteReport(graph=_graph_counter[0], site=0, node=None, rewritten=False,
                               reason=f"internal error: {type(exc).__name__}: {exc}")]
         new_gm = None
-    for r in reports:
-        _record(r)
     if not any(r.rewritten for r in reports):
         new_gm = None  # nothing of ours in it: hand Inductor Dynamo's own graph
     target = new_gm if new_gm is not None else gm
     if _explain_only or not opts.inductor:
+        for r in reports:
+            _record(r)
         return target.forward
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(opts.inductor_config)
     if mode and mode != "default":
         patches.update(torch._inductor.list_mode_options(mode))
-    if patches:
-        return compile_fx(target, example_inputs, config_patches=patches)
-    return compile_fx(target, example_inputs)
+
+    def inductor(graph):
+        return compile_fx(graph, example_inputs, config_patches=patches) if patches else \
+            compile_fx(graph, example_inputs)
+
+    if target is not gm:
+        # our graph failing to compile is our failure: Dynamo's graph, untouched, goes to stock Inductor
+        try:
+            compiled = inductor(target)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("attn_inductor: the rewritten graph failed to compile, compiling with stock Inductor: %s",
+                        exc, exc_info=True)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            reason = f"the rewritten graph failed to compile: {type(exc).__name__}: {first}"
+            reports = [dataclasses.replace(r, rewritten=False, reason=reason) if r.rewritten else r
+                       for r in reports]
+        else:
+            for r in reports:
+                _record(r)
+            return compiled
+    for r in reports:
+        _record(r)
+    return inductor(gm)
 
 
 def make_backend(options=None, *, explain_only: bool = False) -> Callable:
