@@ -138,10 +138,17 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
 def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOptions, graph_id: int,
                           config: str) -> tuple[fx.GraphModule | None, list[SiteReport]]:
     """Region capture (Note [region capture]): HOPs stay opaque, transparent bodies are rewritten in place."""
+    if not softmax_calls(gm):
+        return None, []  # no softmax anywhere (bodies included): spare the trace
     try:
         capture = RegionCapture(gm, example_inputs)
-    except CaptureError as exc:
-        return None, [SiteReport(graph=graph_id, site=i, node=name, rewritten=False, reason=f"graph not captured: {exc}")
+    except Exception as exc:  # noqa: BLE001 - CaptureError, or a bug of ours: the graph goes to stock Inductor
+        if isinstance(exc, CaptureError):
+            reason = f"graph not captured: {exc}"
+        else:
+            log.warning("attn_inductor: region capture failed: %s", exc, exc_info=True)
+            reason = f"internal error in region capture: {type(exc).__name__}: {exc}"
+        return None, [SiteReport(graph=graph_id, site=i, node=name, rewritten=False, reason=reason)
                       for i, name in enumerate(softmax_calls(gm))]
     softmaxes = find_softmax_nodes(capture.aten_gm)
     try:
