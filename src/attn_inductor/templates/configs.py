@@ -179,7 +179,11 @@ def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, hea
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         b = INTERPRETER_BLOCK
         return BwdConfig(b, b, b, b, 1, 1)
-    cfg = _lookup(_BWD[_capability(device)], head_dim, dtype)
-    if heavy:
+    cap = _capability(device)
+    cfg = _lookup(_BWD[cap], head_dim, dtype)
+    # On Hopper with 16-bit inputs the full-size tiles win even with heavy hooks (H200, B=2 H=16 S=8192
+    # D=128: ALiBi 7.29 -> 6.05 ms, relbias 19.8 -> 17.0, document 3.29 -> 2.76, softcap 11.3 -> 10.3;
+    # benchmarks/results/attention_heavy_*.md); elsewhere keep the smaller, spill-free tiles.
+    if heavy and not (cap == 9 and dtype in (torch.bfloat16, torch.float16)):
         cfg = dataclasses.replace(cfg, block_m1=min(cfg.block_m1, 32), block_n2=max(16, cfg.block_n2 // 2))
     return cfg
