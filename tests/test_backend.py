@@ -215,3 +215,33 @@ def test_autograd_function_graph_is_rewritten_with_correct_gradients():
     assert_close_to_reference(g_ours, lin64.weight.grad, lin.weight.grad, name="grad")
     report = attn_inductor.explain(make(lin), x)
     assert len(report.sites) == 1 and report.sites[0].rewritten, str(report)
+
+
+def test_opaque_additive_mask_with_fully_minimum_rows_trains_like_eager():
+    """Note [absorbed rows]: rows whose every score is finfo.min + s (a float mask we cannot see into)
+    store lse == max in fp32; the backward must still rebuild P = 1/n there, as eager's autograd does."""
+    _fresh()
+    torch.manual_seed(0)
+    B, H, L, D = 2, 2, 6, 4
+
+    def f(q, k, v, m):
+        return torch.softmax(q @ k.mT / math.sqrt(D) + m, -1) @ v
+
+    mn = torch.finfo(torch.float32).min
+    m = torch.where(torch.ones(L, L).tril().bool(), 0.0, mn).expand(B, 1, L, L).clone()
+    m[0, :, :, :2] = mn  # rows 0 and 1 of batch 0 see only finfo.min
+    x = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
+    out = torch.compile(f, backend="flexattn", options={"inductor": False})(*x, m)
+    assert torch._dynamo.utils.counters["attn_inductor"]["rewritten"] == 1
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    ours = [t.grad.clone() for t in x]
+    x64 = [t.detach().double().requires_grad_(True) for t in x]
+    ref = f(*x64, m.double())
+    (ref * w.double()).sum().backward()
+    xe = [t.detach().clone().requires_grad_(True) for t in x]
+    eager = f(*xe, m)
+    (eager * w).sum().backward()
+    assert_close_to_reference(out.detach(), ref.detach(), eager.detach(), name="out")
+    for i, (a, r, e) in enumerate(zip(ours, x64, xe)):
+        assert_close_to_reference(a, r.grad, e.grad, name=f"grad[{i}]")

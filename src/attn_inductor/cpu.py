@@ -340,7 +340,8 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     go = grad_out.to(acc)
     if bool(dead.any()):
         go = torch.where(dead.unsqueeze(-1), 0.0, go)
-    recompute = _stored_statistics_too_coarse(out.dtype, acc)
+    # Note [absorbed rows]: a row whose scores all sit near finfo.min stores lse = max, with ln(l) lost
+    recompute = _stored_statistics_too_coarse(out.dtype, acc) or bool(((lse.abs() >= 4096) & ~dead).any())
     if not recompute:
         lse_all = torch.where(dead, math.inf, lse).to(acc)
         delta_all = torch.where(dead, 0.0, (go * out.to(acc)).sum(-1))
@@ -356,15 +357,19 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         q_blk = _grouped(qf, hkv, group, q_start, q_stop)            # [B, Hkv, G*bm, D]
         go_blk = _grouped(go, hkv, group, q_start, q_stop)           # [B, Hkv, G*bm, Dv]
         if recompute:
-            lse_blk, delta_blk = _recompute_statistics(q_blk, go_blk, kf, vf, q_start, q_stop, tiles, visit)
-            lse_blk = torch.where(dead_blk, math.inf, lse_blk)
+            # max and log-sum kept apart: exp((x - max) - log_sum) stays exact on absorbed rows
+            max_blk, log_sum_blk, delta_blk = _recompute_statistics(
+                q_blk, go_blk, kf, vf, q_start, q_stop, tiles, visit)
+            max_blk = torch.where(dead_blk, math.inf, max_blk)
+            log_sum_blk = torch.where(dead_blk, 0.0, log_sum_blk)
             delta_blk = torch.where(dead_blk, 0.0, delta_blk)
         else:
-            lse_blk, delta_blk = lse_all[:, :, q_start:q_stop], delta_all[:, :, q_start:q_stop]
-        lse_blk, delta_blk = lse_blk.unsqueeze(-1), delta_blk.unsqueeze(-1)
+            max_blk, delta_blk = lse_all[:, :, q_start:q_stop], delta_all[:, :, q_start:q_stop]
+            log_sum_blk = torch.zeros_like(max_blk)
+        max_blk, log_sum_blk, delta_blk = max_blk.unsqueeze(-1), log_sum_blk.unsqueeze(-1), delta_blk.unsqueeze(-1)
         dq_blk = torch.zeros_like(q_blk)
         for t in _score_tiles(q_blk, kf, q_start, q_stop, tiles, **visit):
-            p = torch.exp(t.x - lse_blk)                                           # [B, Hq, bm, bn]
+            p = torch.exp((t.x - max_blk) - log_sum_blk)                           # [B, Hq, bm, bn]
             dp = torch.matmul(go_blk, vf[:, :, t.kv].transpose(-1, -2)).view(p.shape)
             dx = p * (dp - delta_blk)                                              # d loss / d score
             ds = dx if E.is_const(dscore_ds, 1.0) else dx * _evaluate(
@@ -404,7 +409,11 @@ def _stored_statistics_too_coarse(out_dtype: torch.dtype, acc: torch.dtype) -> b
 
 
 def _recompute_statistics(q_blk, go_blk, kf, vf, q_start, q_stop, tiles, visit):
-    """(lse, delta) of one q block in the accumulation dtype; Note [backward statistics]."""
+    """(row max, log row sum, delta) of one q block in the accumulation dtype; Note [backward statistics].
+
+    Note [absorbed rows]: where every score of a row is near finfo.min (an additive mask the
+    matcher could not see into), ``max + log(sum)`` rounds back to ``max`` in fp32, so P rebuilt from
+    the stored lse is 1 instead of 1/n.  Keeping the two apart avoids it."""
     batch, hq, bm = q_blk.shape[0], visit["tile_indices"].h.shape[1], q_stop - q_start
     softmax = _OnlineSoftmax((batch, hq, bm), q_blk.dtype, q_blk.device)
     weighted = torch.zeros(batch, hq, bm, dtype=q_blk.dtype, device=q_blk.device)  # sum exp(x - max) * dP
@@ -413,7 +422,9 @@ def _recompute_statistics(q_blk, go_blk, kf, vf, q_start, q_stop, tiles, visit):
         dp = torch.matmul(go_blk, vf[:, :, t.kv].transpose(-1, -2)).view(p.shape)
         weighted = weighted * correction + (p * dp).sum(-1)
     delta = torch.where(softmax.empty, 0.0, weighted / softmax.row_sum)
-    return softmax.lse(), delta
+    row_max = torch.where(softmax.empty, -math.inf, softmax.row_max)
+    log_sum = torch.where(softmax.empty, 0.0, torch.log(softmax.row_sum))
+    return row_max, log_sum, delta
 
 
 def _finish(q, k, v, captured, dq, dk, dv, dcaptured, scale):
