@@ -456,16 +456,11 @@ _SITE_FIELDS = ("rewritten", "reason", "score", "mask", "scale", "q_shape", "k_s
                 "captured", "sparsity")
 
 
-#: spellings whose score adds a float (query, key) tensor from outside: region capture refuses them on purpose
-#: (Note [opaque score tensors]); the whole-graph capture rewrites them
-OPAQUE_SCORE_TENSOR = {"bias tensor [1, H, S, S] input": "args[3]"}
-
-
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES])
 def test_region_capture_agrees_with_whole_graph_capture(case, monkeypatch):
     """Forced through region capture, every spelling gets the report the whole-graph capture gives it
     (its numerics under region capture are checked by running tests/test_spellings.py with
-    ``backend._ALWAYS_REGIONS = True``), except the refusals of Note [opaque score tensors]."""
+    ``backend._ALWAYS_REGIONS = True``)."""
     torch.manual_seed(0)
     mod, inputs = case.make(torch.float32)
     whole = attn_inductor.explain(mod, *inputs)
@@ -473,19 +468,14 @@ def test_region_capture_agrees_with_whole_graph_capture(case, monkeypatch):
     torch._dynamo.reset()
     region = attn_inductor.explain(mod, *inputs)
     assert len(region.sites) == len(whole.sites) == 1
-    if case.name in OPAQUE_SCORE_TENSOR:
-        assert whole.sites[0].rewritten and not region.sites[0].rewritten
-        assert region.sites[0].reason.startswith(f"the scores add `{OPAQUE_SCORE_TENSOR[case.name]}`[1, 4, 16, 16], "
-                                                 "a float tensor over (query, key) the matcher cannot see into")
-        return
     for name in _SITE_FIELDS:
         assert getattr(region.sites[0], name) == getattr(whole.sites[0], name), name
 
 
-def test_opaque_score_tensor_refused_under_checkpoint():
-    """Note [opaque score tensors]: a 4-D finfo.min mask the body receives as an opaque input (here built
-    outside the compiled function) is refused, and the gradients are stock Inductor's, i.e. right; the same
-    mask rewritten would give wrong dq/dk/dv on row 0's fully masked queries."""
+def test_opaque_score_tensor_under_checkpoint_trains_like_eager():
+    """A 4-D finfo.min mask the body receives as an opaque input (built outside the compiled function) is
+    read as an additive score term; row 0's fully masked queries must still get eager's gradients
+    (Note [absorbed rows] in cpu.py — this site used to be refused for that reason)."""
     torch.manual_seed(0)
     layer = Attention()
     pad = padding_mask()
@@ -502,4 +492,5 @@ def test_opaque_score_tensor_refused_under_checkpoint():
 
     x = torch.randn(B, T, C)
     report = attn_inductor.explain(Layer(), x, mask)
-    assert not report.sites[0].rewritten and "(Note [opaque score tensors])" in report.sites[0].reason, str(report)
+    assert report.sites[0].rewritten, str(report)
+    check_training(Layer(), [x, mask], expected_sites=1)

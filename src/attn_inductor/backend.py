@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from . import _compat, ops  # noqa: F401  (ops registers the custom op)
 from .capture.aten import CaptureError, capture_aten_graph
-from .capture.regions import (RegionCapture, SpliceError, has_higher_order_ops, refuse_opaque_score_tensor,
+from .capture.regions import (RegionCapture, SpliceError, has_higher_order_ops,
                               softmax_calls)
 from .lowering.extract import node_shape
 from .lowering.match import AttentionMatch, MatchFailure, find_softmax_nodes, match_attention
@@ -154,7 +154,7 @@ def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOp
     try:
         reports = _rewrite_sites(capture.aten_gm, softmaxes, graph_id, 0, options,
                                  lambda m: capture.splice(m, config), capture.real_inputs, capture.source_names,
-                                 capture.prefix_of, lambda m: refuse_opaque_score_tensor(m, capture.source_names))
+                                 capture.prefix_of)
         new_gm = capture.commit()
     except Exception as exc:  # noqa: BLE001 - the graph is left as Dynamo produced it
         log.warning("attn_inductor: region rewrite failed, compiling with stock Inductor: %s", exc, exc_info=True)

@@ -72,35 +72,6 @@ _OPAQUE_BODY_REASON = {
 }
 
 
-def refuse_opaque_score_tensor(m: AttentionMatch, names: dict) -> str | None:
-    """Note [opaque score tensors]: a reason to leave site ``m`` alone, or None.
-
-    A float tensor the live score reads at [.., q_idx, kv_idx] (one dimension per query, one per key)
-    is one the matcher could not see into: typically a 4-D mask built with finfo.min in an earlier graph
-    (HF's T5 decoder under checkpointing graph-breaks on a logging call and hands its mask to the next
-    graph).  The op's forward is exact for it, but its backward is not on a row such a tensor masks
-    entirely: the fp32 log-sum-exp of finfo.min-sized scores cannot hold + log(n), so P comes back as 1
-    instead of 1/n and dq/dk/dv are wrong (also on the whole-graph path; the op's to fix).  Masks that
-    are recognised (``where``/``masked_fill``/finfo.min arithmetic the matcher reads) take the soft-mask
-    path, which is exact.  Region capture is what newly reaches such graphs (checkpointed models with a
-    graph break), so it refuses them rather than trade a correct stock-Inductor site for wrong gradients.
-    """
-    for ld in E.loads(m.spec.score_live):
-        if not E.is_float(ld.dtype):
-            continue
-        uses = [{e.name for e in ix.walk() if isinstance(e, E.Index)} for ix in ld.indices]
-        q_dims = [i for i, u in enumerate(uses) if "q_idx" in u]
-        kv_dims = [i for i, u in enumerate(uses) if "kv_idx" in u]
-        if any(i != j for i in q_dims for j in kv_dims):
-            node = m.captured[ld.buffer]
-            name = names.get(node) or node.name
-            return (f"the scores add `{name}`{list(node_shape(node))}, a float tensor over (query, key) the matcher "
-                    "cannot see into (e.g. a mask built before a graph break); the op's backward is not exact on "
-                    "rows such a tensor masks entirely (finfo.min), so this site is left to stock Inductor "
-                    "(Note [opaque score tensors])")
-    return None
-
-
 class SpliceError(RuntimeError):
     """The rewritten site cannot be put back into the Dynamo graph; the site is left as it was."""
 
