@@ -331,18 +331,20 @@ def _cross_make(dtype):
 case("cross-attention Lq != Lk", "layout", _cross_make, score="score", mask="none")
 
 
-def _dropout_eval_make(dtype):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.drop = nn.Dropout(0.1)
+def _dropout_make(training: bool):
+    def make(dtype):
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.drop = nn.Dropout(0.1)
 
-        def forward(self, q, k, v):
-            return self.drop(torch.softmax(q @ k.mT / math.sqrt(D), -1)) @ v
-    return M().eval(), qkv(dtype)
+            def forward(self, q, k, v):
+                return self.drop(torch.softmax(q @ k.mT / math.sqrt(D), -1)) @ v
+        return M().train(training), qkv(dtype)
+    return make
 
 
-case("nn.Dropout in eval mode", "layout", _dropout_eval_make, score="score", mask="none")
+case("nn.Dropout in eval mode", "layout", _dropout_make(training=False), score="score", mask="none")
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -360,18 +362,7 @@ case("probabilities returned (output_attentions)", "refused", simple(_returns_pr
      refuse="attention probabilities are used by more than one consumer")
 
 
-def _dropout_train_make(dtype):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.drop = nn.Dropout(0.1)
-
-        def forward(self, q, k, v):
-            return self.drop(torch.softmax(q @ k.mT / math.sqrt(D), -1)) @ v
-    return M().train(), qkv(dtype)
-
-
-case("dropout p > 0 in training", "refused", _dropout_train_make,
+case("dropout p > 0 in training", "refused", _dropout_make(training=True),
      refuse="dropout with p > 0 in training")
 
 

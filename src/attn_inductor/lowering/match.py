@@ -183,7 +183,7 @@ def _match(gm, softmax: fx.Node, fully_masked_rows: str):
     q_op, k_op, err = _qk_operands(qa, kb, skind, len(s_shape), score_node)
     if err:
         return err
-    v_op = _v_operand(v_node, rank)
+    v_op = Operand(v_node)
 
     # scale folded into q or k: q * c, k / c
     q_op, q_scale = _normalize_operand(q_op)
@@ -278,10 +278,6 @@ def _qk_operands(qa, kb, skind, rank, score_node):
     return Operand(qa), Operand(kb, True), None
 
 
-def _v_operand(v_node, rank):
-    return Operand(v_node)
-
-
 def _is_last_two_transpose(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
@@ -337,7 +333,7 @@ def _unrepeat(node: fx.Node, rank: int):
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         if isinstance(reps, int) and dim is not None and dim % 4 == 1:
             return node.args[0], reps
-    if t in _ops("reshape", "view", "_unsafe_view", "clone") and t not in _ops("clone"):
+    if t in _ops("reshape", "view", "_unsafe_view"):
         src = node.args[0]
         if isinstance(src, fx.Node) and src.op == "call_function" and src.target in _ops("clone", "contiguous"):
             src = src.args[0]
@@ -400,6 +396,21 @@ def _strip_to(e: E.Expr) -> E.Expr:
     return e
 
 
+def _where_mask(term: E.Expr, kept_ok):
+    """``where(c, a, b)`` with one branch a fill (-inf: hard, a finite minimum: soft) and the other
+    accepted by ``kept_ok``: (kind, keep predicate, kept branch), else None."""
+    if not (isinstance(term, E.Call) and term.op == "where") or E.uses_score(term.args[0]):
+        return None
+    c, a, b_ = term.args
+    a, b_ = _strip_to(a), _strip_to(b_)
+    for kind, is_fill in (("hard", _is_neg_inf), ("soft", _is_soft_fill)):
+        if is_fill(b_) and kept_ok(a):
+            return kind, c, a
+        if is_fill(a) and kept_ok(b_):
+            return kind, E.call("not", c, dtype=E.BOOL), b_
+    return None
+
+
 def split_masks(full: E.Expr):
     """Peel mask terms off the top of the modified score.
 
@@ -408,23 +419,17 @@ def split_masks(full: E.Expr):
     negative (plus bounded terms) where only ``soft`` fails.  Only terms that do
     not depend on the score are treated as masks (Note [soft masks]).
     """
-    hard, soft = None, None
+    masks = {"hard": None, "soft": None}
     e = full
     changed = True
     while changed:
         changed = False
         e = _strip_to(e)
-        if isinstance(e, E.Call) and e.op == "where" and not E.uses_score(e.args[0]):
-            c, x, y = e.args
-            x, y = _strip_to(x), _strip_to(y)
-            if _is_neg_inf(y):
-                hard, e, changed = E.and_(hard, c), x, True
-            elif _is_neg_inf(x):
-                hard, e, changed = E.and_(hard, E.call("not", c, dtype=E.BOOL)), y, True
-            elif _is_soft_fill(y):
-                soft, e, changed = E.and_(soft, c), x, True
-            elif _is_soft_fill(x):
-                soft, e, changed = E.and_(soft, E.call("not", c, dtype=E.BOOL)), y, True
+        found = _where_mask(e, lambda kept: True)        # where(c, x, -inf) / masked_fill
+        if found is not None:
+            kind, pred, e = found
+            masks[kind] = E.and_(masks[kind], pred)
+            changed = True
             continue
         if isinstance(e, E.Call) and e.op in ("add", "sub"):
             for keep_i, term_i in ((0, 1), (1, 0)) if e.op == "add" else ((0, 1),):
@@ -432,35 +437,24 @@ def split_masks(full: E.Expr):
                 if E.uses_score(term):
                     continue
                 if e.op == "sub":
-                    # x - where(c, 0, +big) is a mask too
+                    # x - where(c, 0, +inf) is a hard mask too
                     if isinstance(term, E.Call) and term.op == "where":
-                        c, a, b_ = term.args
-                        a, b_ = _strip_to(a), _strip_to(b_)
+                        a, b_ = _strip_to(term.args[1]), _strip_to(term.args[2])
                         if _is_zero(a) and isinstance(b_, E.Const) and b_.value == math.inf:
-                            hard, e, changed = E.and_(hard, c), e.args[keep_i], True
+                            masks["hard"], e, changed = E.and_(masks["hard"], term.args[0]), e.args[keep_i], True
                             break
                     continue
-                if isinstance(term, E.Call) and term.op == "where":
-                    c, a, b_ = term.args
-                    a, b_ = _strip_to(a), _strip_to(b_)
-                    if _is_zero(a) and _is_neg_inf(b_):
-                        hard, e, changed = E.and_(hard, c), e.args[keep_i], True
-                        break
-                    if _is_zero(b_) and _is_neg_inf(a):
-                        hard, e, changed = E.and_(hard, E.call("not", c, dtype=E.BOOL)), e.args[keep_i], True
-                        break
-                    if _is_zero(a) and _is_soft_fill(b_):
-                        soft, e, changed = E.and_(soft, c), e.args[keep_i], True
-                        break
-                    if _is_zero(b_) and _is_soft_fill(a):
-                        soft, e, changed = E.and_(soft, E.call("not", c, dtype=E.BOOL)), e.args[keep_i], True
-                        break
+                found = _where_mask(term, _is_zero)          # x + where(c, 0, -inf | finfo.min)
+                if found is not None:
+                    kind, pred, _ = found
+                    masks[kind], e, changed = E.and_(masks[kind], pred), e.args[keep_i], True
+                    break
                 # (1 - m) * MIN with m a bool cast to float: a soft mask
                 c = _bool_times_fill(term)
                 if c is not None:
-                    soft, e, changed = E.and_(soft, c), e.args[keep_i], True
+                    masks["soft"], e, changed = E.and_(masks["soft"], c), e.args[keep_i], True
                     break
-    return e, hard, soft
+    return e, masks["hard"], masks["soft"]
 
 
 def _bool_times_fill(term: E.Expr):
