@@ -160,6 +160,25 @@ def tanh(x):
         return tl.where(x < 0, -t, t)
 
 
+# Note [fast transcendentals]
+#     libdevice's tanh is accurate to ~1 ulp of fp32 but costs a dozen
+#     instructions; with a softcap it runs on every score of every tile, in the
+#     forward and in both backward recomputations, and dominates the kernel
+#     (FlexAttention's softcap forward runs at half its causal speed).  PTX's
+#     ``tanh.approx.f32`` is one MUFU instruction with a relative error of about
+#     2^-11.  Inputs in fp16/bf16 carry scores already rounded to 2^-9 (eager) or
+#     from 16-bit products, so the approximation is well inside the numerics
+#     rule there (checked against fp64 on the GPU: benchmarks/gpu_check.py);
+#     fp32 inputs keep libdevice.  The interpreter has no PTX and uses ``tanh``.
+@triton.jit
+def tanh_approx(x):
+    if USE_LIBDEVICE:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tanh(x)
+
+
 @triton.jit
 def pow_float(a, b):
     if USE_LIBDEVICE:

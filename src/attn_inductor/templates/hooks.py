@@ -91,6 +91,8 @@ _FLOAT_UNARY = {
     "tanh": "lib.tanh", "log1p": "lib.log1p", "expm1": "lib.expm1", "trunc": "lib.trunc", "round": "lib.rint",
     "sign": "lib.sign_float",
 }
+# with ``fast_math`` (16-bit inputs on the GPU: Note [fast transcendentals]) these replace the above
+_FAST_UNARY = {"tanh": "lib.tanh_approx"}
 
 
 class UnsupportedHook(NotImplementedError):
@@ -245,7 +247,8 @@ class _Printer:
     """Prints one hook body: a CSE'd sequence of assignments ``tN = ...``."""
 
     def __init__(self, metas: Sequence[CapturedMeta], stride_offsets: Sequence[int], ranges, deps_memo,
-                 names: dict[str, str]):
+                 names: dict[str, str], fast_math: bool = False):
+        self.fast_math = fast_math
         self.metas = metas
         self.stride_offsets = stride_offsets
         self.ranges, self.exact = ranges
@@ -465,6 +468,8 @@ class _Printer:
                 return self.finish(e, f"(-{xv})", ct)
             if op == "reciprocal":
                 return self.finish(e, f"(1.0 / {xv})", ct)
+            if self.fast_math and ct == F32 and op in _FAST_UNARY:
+                return self.finish(e, f"{_FAST_UNARY[op]}({xv})", ct)
             if op in _FLOAT_UNARY:
                 return self.finish(e, f"{_FLOAT_UNARY[op]}({xv})", ct)
             raise UnsupportedHook(f"unary op {op}")
@@ -559,8 +564,12 @@ def _value_body(expr: Expr, printer: _Printer, ret_ct: str, full_shape: bool) ->
 
 
 def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[CapturedMeta], *,
-                  bounds: IndexBounds = IndexBounds(), backward: bool = False) -> _Rendered:
-    """Print the hook module for ``score``/``mask`` (pure: no files, no Triton import)."""
+                  bounds: IndexBounds = IndexBounds(), backward: bool = False,
+                  fast_math: bool = False) -> _Rendered:
+    """Print the hook module for ``score``/``mask`` (pure: no files, no Triton import).
+
+    ``fast_math``: hardware approximations of transcendentals (Note [fast transcendentals]).
+    """
     metas = tuple(captured_meta)
     stride_offsets, off = [], 0
     for m in metas:
@@ -593,7 +602,7 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
     deps_memo: dict = {}
 
     def printer() -> _Printer:
-        return _Printer(metas, stride_offsets, ranges, deps_memo, _NAMES)
+        return _Printer(metas, stride_offsets, ranges, deps_memo, _NAMES, fast_math)
 
     comments = [f"# score: {E.format_expr(score)}", f"# mask:  {E.format_expr(mask) if mask is not None else 'none'}"]
     comments += [f"# buf{i}: {m.dtype}, {m.ndim} dims{', needs grad' if m.needs_grad else ''}"
@@ -739,18 +748,18 @@ def _load(source: str, interpret: bool) -> tuple[str, str, object]:
 
 
 def render_hooks(score: Expr, mask: Expr | None, captured_meta: Sequence[CapturedMeta], *,
-                 bounds: IndexBounds = IndexBounds(), backward: bool = False) -> Hooks:
+                 bounds: IndexBounds = IndexBounds(), backward: bool = False, fast_math: bool = False) -> Hooks:
     """Print, cache and load the hooks for one (score, mask, captured layout).
 
     Raises :class:`UnsupportedHook` (or ``E.NotDifferentiable`` with ``backward``)
     for expressions the printer cannot express.
     """
     interpret = _compat.triton_interpret_enabled()
-    request = (score, mask, tuple(captured_meta), bounds, backward, interpret)
+    request = (score, mask, tuple(captured_meta), bounds, backward, interpret, fast_math)
     hit = _by_request.get(request)
     if hit is not None:
         return hit
-    rendered = render_source(score, mask, captured_meta, bounds=bounds, backward=backward)
+    rendered = render_source(score, mask, captured_meta, bounds=bounds, backward=backward, fast_math=fast_math)
     with _lock:
         key, path, module = _load(rendered.source, interpret)
         hooks = _by_key.get((key, interpret))
