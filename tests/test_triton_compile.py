@@ -120,9 +120,8 @@ def _run(sm90, score, mask, *, captured=(), needs=(), b=1, h=2, hkv=2, lq=1000, 
     launch.core_backward(q, k, v, out, lse, torch.randn_like(out), list(captured), list(needs), score=score,
                          mask=mask, scale=0.1, gqa_group=h // hkv, sparsity=sp, deterministic=deterministic)
     names = [n for n, _ in sm90]
-    # with a score mod the first dQ launch is the STATS pass; dQ has its own kernel only when deterministic
     expected = ["_attn_fwd", "_attn_bwd_preprocess"] + (["_attn_bwd_dq"] if score != E.score else []) \
-        + ["_attn_bwd_dkdv"] + (["_attn_bwd_dq"] if deterministic else [])
+        + ["_attn_bwd_dkdv", "_attn_bwd_dq"]  # with a score mod the first dQ launch is the STATS pass
     assert names == expected, names
     for name, kernel in sm90:
         assert kernel.asm.get("cubin"), name

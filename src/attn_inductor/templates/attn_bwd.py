@@ -32,21 +32,9 @@ Kernels
                            STATS_PASS it recomputes the row statistics instead
                            (Notes [exact delta] and [absorbed rows]); the launcher
                            runs that first whenever there is a score mod.
-    By default the dK/dV kernel also produces dQ and the dQ kernel runs only as
-    the STATS pass (Note [fused dQ]); ``deterministic`` keeps them apart.
     Captured-tensor gradients (Note [captured gradients] in hook_lib): mode 1 in the
-    fused dK/dV kernel; deterministic mode runs pass 2 in the dK/dV kernel and
-    pass 3 in the dQ kernel, so it costs no extra launch.
-
-Note [fused dQ]
-    A separate dQ kernel recomputes Q K^T and dO V^T for every live tile: seven
-    tile matmuls per tile instead of five, ~40% more backward work.  The dK/dV
-    kernel already holds dS^T for the tile, so it also forms scale * dS @ K
-    ([BLOCK_M, D]) and adds it into a zeroed fp32 [B, Hq, Lq, D] buffer with
-    relaxed atomics, which the host casts to the input dtype (FlashAttention-2
-    accumulates dQ the same way).  fp32 addition is not associative, so dQ
-    then depends on the order the atomics land in; ``deterministic=True`` runs
-    the separate dQ kernel instead, whose programs own their rows.
+    dQ kernel; deterministic mode runs pass 2 in the dK/dV kernel and pass 3 in the
+    dQ kernel, so it costs no extra launch.
 
 Note [exact delta]
     Flash attention takes DELTA = rowsum(dO * OUT) with OUT already rounded to
@@ -128,21 +116,17 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, qT_ptrs, do_ptrs, dq_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b,
-    off_h, stride_qm, stride_dom, Q_LEN, scale,
+    dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+    stride_qm, stride_dom, Q_LEN, scale,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr, GRAD_MODE: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, Q_DTYPE: tl.constexpr, DO_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, FUSED_DQ: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
 ):
-    """One q tile against the program's kv tile, in transposed orientation ([kv, q]).
-
-    With FUSED_DQ it also adds this tile's scale * dS @ K to the fp32 dQ
-    accumulator (Note [fused dQ]).
-    """
+    """One q tile against the program's kv tile, in transposed orientation ([kv, q])."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_ok = offs_m < Q_LEN
     d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
@@ -171,10 +155,7 @@ def _attn_bwd_dkdv_inner(
     keep = q_ok[None, :]
     if APPLY_MASK:
         keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
-    if FUSED_DQ and not EVEN_N:  # dQ is stored for every q row: keep padded kv rows out of it
-        xT = mask_scores(xT, keep, q_ok[None, :] & kv_ok[:, None], APPLY_MASK, True)
-    else:
-        xT = mask_scores(xT, keep, q_ok[None, :], APPLY_MASK, not EVEN_M)
+    xT = mask_scores(xT, keep, q_ok[None, :], APPLY_MASK, not EVEN_M)
     if HAS_SCORE_MOD:
         pT = tl.exp2((xT - lse_x[None, :]) * LOG2E + lse_c[None, :])
     else:
@@ -195,18 +176,13 @@ def _attn_bwd_dkdv_inner(
                       GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 0, GRAD_MODE)
     if HAS_SCORE_GRAD:
         dsT = dsT * dmodT
-    dsT_op = lib.as_dot_operand(dsT, Q_DTYPE, FP32_OPERANDS)
-    dk = tl.dot(dsT_op, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
-    if FUSED_DQ:
-        dq = tl.dot(tl.trans(dsT_op), k, input_precision=INPUT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
-        dq_ok = q_ok[:, None] & d_ok[None, :]
-        tl.atomic_add(dq_ptrs + start64 * HEAD_DIM, dq, mask=dq_ok, sem="relaxed")
+    dk = tl.dot(lib.as_dot_operand(dsT, Q_DTYPE, FP32_OPERANDS), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, DQ_ACC, LSE_X, LSE_C, DELTA,
+    Q, K, V, DO, DK, DV, LSE_X, LSE_C, DELTA,
     Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -223,7 +199,7 @@ def _attn_bwd_dkdv(
     IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, FUSED_DQ: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     off_hkv = tl.program_id(1)
@@ -256,7 +232,6 @@ def _attn_bwd_dkdv(
         qT_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_d[:, None] * stride_qd + offs_m0[None, :] * stride_qm
         do_ptrs = (DO + b64 * stride_dob + h64 * stride_doh + offs_m0[:, None] * stride_dom
                    + offs_dv[None, :] * stride_dod)
-        dq_ptrs = DQ_ACC + (b64 * HQ + h64) * Q_LEN * HEAD_DIM + offs_m0[:, None] * HEAD_DIM + offs_d[None, :]
         LSE_X_ROW = LSE_X + (b64 * HQ + h64) * Q_LEN
         LSE_C_ROW = LSE_C + (b64 * HQ + h64) * Q_LEN
         DELTA_ROW = DELTA + (b64 * HQ + h64) * Q_LEN
@@ -276,21 +251,21 @@ def _attn_bwd_dkdv(
         for it in range(0, n_full):
             start_m = tile_start(FULL_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, qT_ptrs, do_ptrs, dq_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok,
-                off_b, off_h, stride_qm, stride_dom, Q_LEN, scale,
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+                stride_qm, stride_dom, Q_LEN, scale,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
-                EVEN_M, EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
-                INPUT_PRECISION, FP32_OPERANDS, FUSED_DQ)
+                EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
+                INPUT_PRECISION, FP32_OPERANDS)
         for it in range(0, n_part):
             start_m = tile_start(PART_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, qT_ptrs, do_ptrs, dq_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok,
-                off_b, off_h, stride_qm, stride_dom, Q_LEN, scale,
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
+                stride_qm, stride_dom, Q_LEN, scale,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
-                EVEN_M, EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
-                INPUT_PRECISION, FP32_OPERANDS, FUSED_DQ)
+                EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
+                INPUT_PRECISION, FP32_OPERANDS)
 
     dk = dk * scale
     DK_BASE = DK + b64 * stride_dkb + off_hkv.to(tl.int64) * stride_dkh
