@@ -21,20 +21,34 @@ Notation (as in attn_fwd.py, plus)
 
 Kernels
     _attn_bwd_preprocess   DELTA and LSE_X, one program per (q tile, head, batch).
-    _attn_bwd_dkdv         one program per (kv tile, kv head, batch): loops over the
-                           GQA_GROUP query heads that share the kv head and, for each,
-                           over the q tiles of the transposed sparsity table (FULL ones
-                           without the mask, then PARTIAL ones).  dK and dV are owned
-                           by the program: no atomics.  Works on transposed tiles
-                           (kv along rows) as the Triton tutorial does.
-    _attn_bwd_dq           one program per (q tile, head, batch) over the forward
-                           table's kv tiles; dQ owned by the program.  With
-                           STATS_PASS it recomputes the row statistics instead
-                           (Notes [exact delta] and [absorbed rows]); the launcher
-                           runs that first whenever there is a score mod.
+    _attn_bwd              dK/dV programs and dQ programs (Note [one backward launch]):
+      _dkdv_program        a (kv tile, kv head, batch): loops over the GQA_GROUP query
+                           heads that share the kv head and, for each, over the q tiles
+                           of the transposed sparsity table (FULL ones without the
+                           mask, then PARTIAL ones).  dK and dV are owned by the
+                           program: no atomics.  Works on transposed tiles (kv along
+                           rows) as the Triton tutorial does.
+      _dq_program          a (q tile, query head, batch) over the forward table's kv
+                           tiles; dQ owned by the program.  With STATS_PASS it
+                           recomputes the row statistics instead (Notes [exact delta]
+                           and [absorbed rows]); the launcher runs that first, as a
+                           launch of dQ programs only, whenever there is a score mod.
     Captured-tensor gradients (Note [captured gradients] in hook_lib): mode 1 in the
-    dQ kernel; deterministic mode runs pass 2 in the dK/dV kernel and pass 3 in the
-    dQ kernel, so it costs no extra launch.
+    dQ programs; deterministic mode runs pass 2 in the dK/dV programs and pass 3 in
+    the dQ programs, as two launches since pass 3 reads what pass 2 wrote.
+
+Note [one backward launch]
+    dK/dV and dQ each recompute the tile's P and dS from Q, K, V, dO, so they do
+    not depend on each other and can share a grid: the first NUM_KV_TILES
+    programs of each (kv head, batch) are dK/dV programs, the rest dQ programs
+    (FlexAttention's backward has the same shape).  One launch instead of two
+    removes the tail of the first kernel, where a partly idle GPU waited for
+    its last programs before the second could start, which mattered most for
+    short, sparse backwards (sliding window, documents).  The price is the
+    larger of the two register and shared-memory footprints for every program.
+    Accumulating dQ inside the dK/dV programs with fp32 atomics (five tile
+    matmuls instead of seven) was measured too: no faster on an H200
+    (benchmarks/results/h200_sweep_fused_dq_13d7cf9.json).
 
 Note [exact delta]
     Flash attention takes DELTA = rowsum(dO * OUT) with OUT already rounded to
@@ -181,7 +195,8 @@ def _attn_bwd_dkdv_inner(
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _dkdv_program(
+    pid_n, off_hkv, off_b,
     Q, K, V, DO, DK, DV, LSE_X, LSE_C, DELTA,
     Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
@@ -201,9 +216,7 @@ def _attn_bwd_dkdv(
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    off_hkv = tl.program_id(1)
-    off_b = tl.program_id(2)
+    """dK and dV of kv tile ``pid_n`` of kv head ``off_hkv``, over every query head of its group."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
     b64 = off_b.to(tl.int64)
@@ -377,7 +390,8 @@ def _attn_bwd_stats_inner(
 
 
 @triton.jit
-def _attn_bwd_dq(
+def _dq_program(
+    pid_m, off_h, off_b,
     Q, K, V, DO, DQ, LSE_X, LSE_C, DELTA,
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
@@ -397,9 +411,7 @@ def _attn_bwd_dq(
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, STATS_PASS: tl.constexpr,
     FULL_DELTA: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) q tiles first, as in the forward
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
+    """dQ of q tile ``pid_m`` of query head ``off_h`` (or, with STATS_PASS, its row statistics)."""
     off_hkv = off_h // GQA_GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEAD_DIM_V == BLOCK_DV
@@ -503,3 +515,76 @@ def _attn_bwd_dq(
         store_2d(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm
                  + offs_d[None, :] * stride_dqd, lib.cast_for_store(dq, DQ.dtype.element_ty, FP32_OPERANDS), q_ok,
                  offs_d < HEAD_DIM, EVEN_M, EVEN_D)
+
+
+# ----------------------------------------------------------------------------- the backward kernel
+
+
+@triton.jit
+def _attn_bwd(
+    Q, K, V, DO, DQ, DK, DV, LSE_X, LSE_C, DELTA,
+    KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
+    Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
+    CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_fnb, stride_fnh, stride_fnm, stride_fib, stride_fih, stride_fim,
+    stride_tnb, stride_tnh, stride_tnn, stride_tib, stride_tih, stride_tin,
+    HQ, Q_LEN, KV_LEN, scale, NUM_KV_TILES,
+    SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, CAPTURED_GRAD: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCORE_GRAD: tl.constexpr,
+    IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+    DO_DKDV: tl.constexpr, DKDV_GRAD_MODE: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+    SPARSE_Q_MULT1: tl.constexpr, SPARSE_KV_MULT1: tl.constexpr, EVEN_M1: tl.constexpr, EVEN_N1: tl.constexpr,
+    DO_DQ: tl.constexpr, DQ_GRAD_MODE: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    SPARSE_Q_MULT2: tl.constexpr, SPARSE_KV_MULT2: tl.constexpr, EVEN_M2: tl.constexpr, EVEN_N2: tl.constexpr,
+    STATS_PASS: tl.constexpr, FULL_DELTA: tl.constexpr,
+):
+    """dK/dV programs and dQ programs in one grid (Note [one backward launch]).
+
+    Grid: (NUM_KV_TILES [if DO_DKDV] + q tiles * GQA_GROUP [if DO_DQ], kv heads, batch).
+    """
+    pid = tl.program_id(0)
+    off_hkv = tl.program_id(1)
+    off_b = tl.program_id(2)
+    j = pid
+    if DO_DKDV:
+        j = pid - NUM_KV_TILES
+    if j < 0:
+        if DO_DKDV:
+            _dkdv_program(
+                pid, off_hkv, off_b,
+                Q, K, V, DO, DK, DV, LSE_X, LSE_C, DELTA, Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
+                CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                stride_tnb, stride_tnh, stride_tnn, stride_tib, stride_tih, stride_tin,
+                HQ, Q_LEN, KV_LEN, scale,
+                SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
+                DKDV_GRAD_MODE, IS_SPARSE, GQA_GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV,
+                SPARSE_Q_MULT1, SPARSE_KV_MULT1, EVEN_M1, EVEN_N1, INPUT_PRECISION, FP32_OPERANDS)
+    else:
+        if DO_DQ:
+            # heavy (late) q tiles first, as in the forward; the heads of the group side by side
+            pid_m = tl.cdiv(Q_LEN, BLOCK_M2) - 1 - j // GQA_GROUP
+            off_h = off_hkv * GQA_GROUP + j % GQA_GROUP
+            _dq_program(
+                pid_m, off_h, off_b,
+                Q, K, V, DO, DQ, LSE_X, LSE_C, DELTA, KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
+                CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+                stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                stride_fnb, stride_fnh, stride_fnm, stride_fib, stride_fih, stride_fim,
+                HQ, Q_LEN, KV_LEN, scale,
+                SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
+                DQ_GRAD_MODE, IS_SPARSE, GQA_GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M2, BLOCK_N2, BLOCK_D, BLOCK_DV,
+                SPARSE_Q_MULT2, SPARSE_KV_MULT2, EVEN_M2, EVEN_N2, INPUT_PRECISION, FP32_OPERANDS, STATS_PASS,
+                FULL_DELTA)

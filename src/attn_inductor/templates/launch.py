@@ -152,13 +152,14 @@ _fitted: dict[tuple, int] = {}
 
 
 @functools.lru_cache(maxsize=256)
-def _attempts(cfg, inner: str) -> list:
-    """``cfg``, then fewer stages, then the ``inner`` tile halved (down to 16) at each stage count."""
+def _attempts(cfg, inner) -> list:
+    """``cfg``, then fewer stages, then the ``inner`` tile(s) halved (down to 16) at each stage count."""
+    inner = (inner,) if isinstance(inner, str) else tuple(inner)
     out = [dataclasses.replace(cfg, num_stages=s) for s in range(cfg.num_stages, 0, -1)]
-    tile = getattr(cfg, inner) // 2
-    while tile >= 16:
-        out += [dataclasses.replace(cfg, num_stages=s, **{inner: tile}) for s in range(cfg.num_stages, 0, -1)]
-        tile //= 2
+    tiles = {name: getattr(cfg, name) // 2 for name in inner}
+    while tiles and min(tiles.values()) >= 16:
+        out += [dataclasses.replace(cfg, num_stages=s, **tiles) for s in range(cfg.num_stages, 0, -1)]
+        tiles = {name: t // 2 for name, t in tiles.items()}
     return out
 
 
@@ -290,7 +291,7 @@ def _decode_fixed_point(grad_f: torch.Tensor, fixed: torch.Tensor, max_bits: tor
 def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *, score, mask, scale, gqa_group,
                   sparsity, deterministic=False):
     """-> dq, dk, dv (input dtypes) and per captured tensor its gradient or None."""
-    from .attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+    from .attn_bwd import _attn_bwd, _attn_bwd_preprocess
 
     _check(q, k, v, gqa_group)
     batch, hq, q_len, d = q.shape
@@ -347,41 +348,44 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     grad_args = (cap_ptrs, cap_strides, grads, fixed, max_bits, counts, grad_strides)
     fit = dict(cfg=cfg, dtype=q.dtype, device=str(device), **meta)
 
-    # dQ: programs own a q tile; captured gradients accumulate here
     fwd_tables, fwd_num_strides, fwd_idx_strides = _table_args(sparsity, delta, forward=True)
+    tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=False)
 
-    def launch_dq(c, stats_pass=False):
+    def launch_bwd(c, do_dkdv: bool, do_dq: bool, stats_pass: bool = False):
+        """dK/dV programs (a kv tile of one kv head, every query head of its group) and/or dQ programs
+        (a q tile of one query head) in one grid: Note [one backward launch] in attn_bwd.py."""
+        block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, c.block_m1, c.block_n1, q_len, kv_len)
         block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
-        _attn_bwd_dq[(triton_cdiv(q_len, block_m2), hq, batch)](
-            q, k, v, grad_out, dq, lse_x, lse_c, delta, *fwd_tables, *grad_args,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            *fwd_num_strides, *fwd_idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
-            GRAD_MODE=0 if stats_pass else mode_dq, BLOCK_M=block_m2, BLOCK_N=block_n2, SPARSE_Q_MULT=q_mult2,
-            SPARSE_KV_MULT=kv_mult2, EVEN_M=q_len % block_m2 == 0, EVEN_N=kv_len % (block_n2 * kv_mult2) == 0,
-            STATS_PASS=stats_pass, FULL_DELTA=any_grad, num_warps=c.num_warps, num_stages=c.num_stages)
+        kv_tiles = triton_cdiv(kv_len, block_n1)
+        programs = (kv_tiles if do_dkdv else 0) + (triton_cdiv(q_len, block_m2) * gqa_group if do_dq else 0)
+        _attn_bwd[(programs, hkv, batch)](
+            q, k, v, grad_out, dq, dk, dv, lse_x, lse_c, delta, *fwd_tables, *tables, *grad_args,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+            *fwd_num_strides, *fwd_idx_strides, *num_strides, *idx_strides,
+            hq, q_len, kv_len, float(scale), kv_tiles, **fns, **meta,
+            DO_DKDV=do_dkdv, DKDV_GRAD_MODE=mode_dkdv, BLOCK_M1=block_m1, BLOCK_N1=block_n1,
+            SPARSE_Q_MULT1=q_mult1, SPARSE_KV_MULT1=kv_mult1, EVEN_M1=q_len % (block_m1 * q_mult1) == 0,
+            EVEN_N1=kv_len % block_n1 == 0,
+            DO_DQ=do_dq, DQ_GRAD_MODE=0 if stats_pass else mode_dq, BLOCK_M2=block_m2, BLOCK_N2=block_n2,
+            SPARSE_Q_MULT2=q_mult2, SPARSE_KV_MULT2=kv_mult2, EVEN_M2=q_len % block_m2 == 0,
+            EVEN_N2=kv_len % (block_n2 * kv_mult2) == 0, STATS_PASS=stats_pass, FULL_DELTA=any_grad,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def run(name, do_dkdv, do_dq, stats_pass=False):
+        inner = (("block_m1",) if do_dkdv else ()) + (("block_n2",) if do_dq else ())
+        key = _fit_key(name, hooks, modes=(mode_dkdv, mode_dq), full=any_grad, **fit)
+        _launch(_attn_bwd, key, _attempts(cfg, inner), lambda c: launch_bwd(c, do_dkdv, do_dq, stats_pass))
 
     if hooks.has_score_mod:
         # Notes [exact delta] and [absorbed rows] in attn_bwd.py: rewrites DELTA / LSE_X / LSE_C of the q tiles
         # that need it before anything reads them (a tile that does not exits at once)
-        _launch(_attn_bwd_dq, _fit_key("stats", hooks, full=any_grad, **fit), _attempts(cfg, "block_n2"),
-                lambda c: launch_dq(c, stats_pass=True))
-
-    # dK / dV: programs own a kv tile of one kv head and visit every query head of its group
-    tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=False)
-
-    def launch_dkdv(c):
-        block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, c.block_m1, c.block_n1, q_len, kv_len)
-        _attn_bwd_dkdv[(triton_cdiv(kv_len, block_n1), hkv, batch)](
-            q, k, v, grad_out, dk, dv, lse_x, lse_c, delta, *tables, *grad_args,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            *num_strides, *idx_strides, hq, q_len, kv_len, float(scale), **fns, **meta,
-            GRAD_MODE=mode_dkdv, BLOCK_M=block_m1, BLOCK_N=block_n1, SPARSE_Q_MULT=q_mult1, SPARSE_KV_MULT=kv_mult1,
-            EVEN_M=q_len % (block_m1 * q_mult1) == 0, EVEN_N=kv_len % block_n1 == 0,
-            num_warps=c.num_warps, num_stages=c.num_stages)
-
-    _launch(_attn_bwd_dkdv, _fit_key("dkdv", hooks, mode=mode_dkdv, **fit), _attempts(cfg, "block_m1"), launch_dkdv)
-
-    _launch(_attn_bwd_dq, _fit_key("dq", hooks, mode=mode_dq, **fit), _attempts(cfg, "block_n2"), launch_dq)
+        run("stats", False, True, stats_pass=True)
+    if mode_dkdv == 2:
+        # deterministic captured gradients: pass 2 (dK/dV programs) must finish before pass 3 (dQ programs)
+        run("dkdv", True, False)
+        run("dq", False, True)
+    else:
+        run("bwd", True, True)
 
     for i, t in enumerate(captured):
         if not grad_needs[i]:
