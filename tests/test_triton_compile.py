@@ -179,6 +179,8 @@ def test_relative_bias_and_alibi_grads_deterministic(sm90):
 def test_softcap_row_select_gqa(sm90):
     t = E.call("tanh", E.call("truediv", E.score, E.const(30.0, F32), dtype=F32), dtype=F32)
     _run(sm90, E.call("mul", t, E.const(30.0, F32), dtype=F32), _causal(), h=4, hkv=1, row_select=True)
+    # bf16 inputs: the hardware tanh (Note [fast transcendentals] in hook_lib)
+    assert all("tanh.approx.f32" in kernel.asm["ptx"] for name, kernel in sm90 if name != "_attn_bwd_preprocess")
 
 
 def test_document_mask_fp16_d64(sm90):
@@ -189,6 +191,13 @@ def test_document_mask_fp16_d64(sm90):
 
 def test_fp32_and_odd_shapes(sm90):
     _run(sm90, E.score, _causal(), dtype=torch.float32, sparsity=None)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed: operands rounded to nearest tf32 in asm
+    try:
+        _run(sm90, E.score, _causal(), dtype=torch.float32, sparsity=None)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert all("cvt.rna.tf32.f32" in kernel.asm["ptx"] for name, kernel in sm90 if name != "_attn_bwd_preprocess")
     _run(sm90, E.score, None, d=256, dv=64, sparsity="dense")
     _run(sm90, E.score, None, lq=1, sparsity="dense")
 

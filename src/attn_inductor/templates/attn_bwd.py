@@ -156,7 +156,7 @@ def _attn_bwd_dkdv_inner(
             lse_c = tl.load(LSE_C_ROW + offs_m)
         else:
             lse_c = tl.load(LSE_C_ROW + offs_m, mask=q_ok, other=0.0)
-    qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    qkT = lib.mma(k, qT, None, INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
     q_idx = offs_m[None, :]
     kv_idx = offs_n[:, None]
     sT = qkT * scale
@@ -175,12 +175,12 @@ def _attn_bwd_dkdv_inner(
     else:
         pT = tl.exp2(xT - lse_x[None, :])
     do = lib.widen_for_dot(load_2d(do_ptrs + start64 * stride_dom, q_ok, dv_ok, EVEN_M, EVEN_DV), FP32_OPERANDS)
-    dv = tl.dot(lib.as_dot_operand(pT, DO_DTYPE, FP32_OPERANDS), do, dv, input_precision=INPUT_PRECISION)
+    dv = lib.mma(lib.as_dot_operand(pT, DO_DTYPE, FP32_OPERANDS), do, dv, INPUT_PRECISION)
     if EVEN_M:
         delta = tl.load(DELTA_ROW + offs_m)
     else:
         delta = tl.load(DELTA_ROW + offs_m, mask=q_ok, other=0.0)
-    dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    dpT = lib.mma(v, tl.trans(do), None, INPUT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     if GRAD_MODE != 0:
         live = q_ok[None, :] & kv_ok[:, None]
@@ -190,7 +190,7 @@ def _attn_bwd_dkdv_inner(
                       GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 0, GRAD_MODE)
     if HAS_SCORE_GRAD:
         dsT = dsT * dmodT
-    dk = tl.dot(lib.as_dot_operand(dsT, Q_DTYPE, FP32_OPERANDS), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+    dk = lib.mma(lib.as_dot_operand(dsT, Q_DTYPE, FP32_OPERANDS), tl.trans(qT), dk, INPUT_PRECISION)
     return dk, dv
 
 
@@ -307,7 +307,7 @@ def _bwd_scores(
     d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
     kT = lib.widen_for_dot(load_2d(kT_ptrs + start_n.to(tl.int64) * stride_kn, d_ok, kv_ok, EVEN_D, EVEN_N),
                            FP32_OPERANDS)
-    qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    qk = lib.mma(q, kT, None, INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     s = qk * scale
@@ -348,7 +348,7 @@ def _attn_bwd_dq_inner(
     dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
     vT = lib.widen_for_dot(load_2d(vT_ptrs + start_n.to(tl.int64) * stride_vn, dv_ok, kv_ok, EVEN_DV, EVEN_N),
                            FP32_OPERANDS)
-    dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+    dp = lib.mma(do, vT, None, INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     if GRAD_MODE != 0:
         live = q_ok[:, None] & kv_ok[None, :]
@@ -358,7 +358,7 @@ def _attn_bwd_dq_inner(
                       CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 1, GRAD_MODE)
     if HAS_SCORE_GRAD:
         ds = ds * dmod
-    dq = tl.dot(lib.as_dot_operand(ds, K_DTYPE, FP32_OPERANDS), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+    dq = lib.mma(lib.as_dot_operand(ds, K_DTYPE, FP32_OPERANDS), tl.trans(kT), dq, INPUT_PRECISION)
     return dq
 
 
@@ -383,7 +383,7 @@ def _attn_bwd_stats_inner(
     dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
     vT = lib.widen_for_dot(load_2d(vT_ptrs + start_n.to(tl.int64) * stride_vn, dv_ok, kv_ok, EVEN_DV, EVEN_N),
                            FP32_OPERANDS)
-    dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+    dp = lib.mma(do, vT, None, INPUT_PRECISION)
     l_i = l_i * alpha + tl.sum(p, 1)
     d_i = d_i * alpha + tl.sum(p * dp, 1)
     return m_new, l_i, d_i

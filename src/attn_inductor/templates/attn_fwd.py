@@ -135,7 +135,7 @@ def _attn_fwd_inner(
     dv_ok = tl.arange(0, BLOCK_DV) < HEAD_DIM_V
     start64 = start_n.to(tl.int64)
     k = load_2d(k_ptrs + start64 * stride_kn, d_ok, kv_ok, EVEN_D, EVEN_N)  # [BLOCK_D, BLOCK_N]
-    qk = tl.dot(q, lib.widen_for_dot(k, FP32_OPERANDS), input_precision=INPUT_PRECISION)
+    qk = lib.mma(q, lib.widen_for_dot(k, FP32_OPERANDS), None, INPUT_PRECISION)
     q_idx = offs_m[:, None]
     kv_idx = offs_n[None, :]
     if HAS_SCORE_MOD:  # natural units, Note [exponent units]
@@ -157,8 +157,8 @@ def _attn_fwd_inner(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = load_2d(v_ptrs + start64 * stride_vn, kv_ok, dv_ok, EVEN_N, EVEN_DV)  # [BLOCK_N, BLOCK_DV]
     acc = acc * alpha[:, None]
-    acc = tl.dot(lib.as_dot_operand(p, P_DTYPE, FP32_OPERANDS), lib.widen_for_dot(v, FP32_OPERANDS), acc,
-                 input_precision=INPUT_PRECISION)
+    acc = lib.mma(lib.as_dot_operand(p, P_DTYPE, FP32_OPERANDS), lib.widen_for_dot(v, FP32_OPERANDS), acc,
+                  INPUT_PRECISION)
     return acc, l_i, m_new
 
 
