@@ -1,0 +1,76 @@
+"""Host (CPU) time per call of the rewritten attention, next to FlexAttention's, at a tiny shape where
+the kernels take microseconds, plus a cProfile of ours: where the Python time goes.
+
+    python benchmarks/host_overhead.py --variants causal,document
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_attention import Variant  # noqa: E402
+
+
+def per_call_us(step, n=300):
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="causal,document")
+    p.add_argument("--shape", default="1,1,128,64")
+    p.add_argument("--profile-rows", type=int, default=30)
+    a = p.parse_args(argv)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import attn_inductor  # noqa: F401
+
+    B, H, S, D = map(int, a.shape.split(","))
+    q, k, v = [torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    g = torch.randn_like(q)
+    flex_c = torch.compile(flex_attention, dynamic=False)
+    for var in a.variants.split(","):
+        vt = Variant(var, B, H, S, "cuda", torch.bfloat16)
+        torch._dynamo.reset()
+        ours = torch.compile(vt.naive(), backend="flexattn", dynamic=False)
+        bm = create_block_mask(vt.mm, None, None, S, S, device="cuda") if vt.mm else None
+        flex = lambda q, k, v: flex_c(q, k, v, score_mod=vt.sm, block_mask=bm)  # noqa: E731
+        for name, fn in (("ours", ours), ("flex", flex)):
+            def fwd():
+                with torch.no_grad():
+                    fn(q, k, v)
+
+            def fwdbwd():
+                q.grad = k.grad = v.grad = None
+                fn(q, k, v).backward(g)
+            print(f"{var:9s} {name:5s} fwd {per_call_us(fwd):7.1f} us   fwd+bwd {per_call_us(fwdbwd):7.1f} us",
+                  flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            q.grad = k.grad = v.grad = None
+            ours(q, k, v).backward(g)
+        torch.cuda.synchronize()
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.profile_rows)
+        print(s.getvalue(), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
