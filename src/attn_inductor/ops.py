@@ -71,9 +71,25 @@ def _runtime():
     return runtime
 
 
-@torch.library.custom_op("attn_inductor::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: str, config: str
-              ) -> tuple[Tensor, Tensor, Tensor]:
+# Note [plain library registration]
+#     ``torch.library.custom_op`` wraps the implementation in Python layers that
+#     run on every call (an aliasing check over every input and output, a Dynamo
+#     disable context); on the H200 host they cost ~0.6 ms per call, more than
+#     the kernels of a 1024-token attention (benchmarks/host_overhead.py).  The
+#     ops are therefore defined with a schema on a ``torch.library.Library`` and
+#     one CompositeExplicitAutograd kernel each; fake kernels and autograd use the
+#     same ``torch.library.register_fake`` / ``register_autograd`` as custom ops,
+#     and ``torch.library.opcheck`` covers them (tests/test_backend.py).
+_lib = torch.library.Library("attn_inductor", "DEF")
+_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor[] captured, str spec, str config) "
+            "-> (Tensor, Tensor, Tensor)")
+_lib.define("attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor lse_fallback, "
+            "Tensor grad_out, Tensor[] captured, bool[] captured_needs_grad, str spec, str config) "
+            "-> (Tensor, Tensor, Tensor, Tensor[])")
+
+
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: str, config: str
+                    ) -> tuple[Tensor, Tensor, Tensor]:
     s = AttentionSpec.from_json(spec)
     cfg = _parse_config(config)
     out, lse, lse_fb = _runtime().attention_forward(s, q, k, v, list(captured), _implementation(q.device, cfg))
@@ -81,7 +97,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec:
     return out.contiguous(), lse.contiguous(), lse_fb.contiguous()
 
 
-@attention.register_fake
 def _attention_fake(q, k, v, captured, spec, config):
     s = AttentionSpec.from_json(spec)
     B, Hq, Lq, _ = q.shape
@@ -91,10 +106,9 @@ def _attention_fake(q, k, v, captured, spec, config):
     return out, lse, lse_fb
 
 
-@torch.library.custom_op("attn_inductor::attention_backward", mutates_args=())
-def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_fallback: Tensor,
-                       grad_out: Tensor, captured: Sequence[Tensor], captured_needs_grad: Sequence[bool],
-                       spec: str, config: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+def _attention_backward_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_fallback: Tensor,
+                             grad_out: Tensor, captured: Sequence[Tensor], captured_needs_grad: Sequence[bool],
+                             spec: str, config: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     s = AttentionSpec.from_json(spec)
     cfg = _parse_config(config)
     dq, dk, dv, dcap = _runtime().attention_backward(
@@ -104,10 +118,17 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dcap
 
 
-@attention_backward.register_fake
 def _attention_backward_fake(q, k, v, out, lse, lse_fallback, grad_out, captured, captured_needs_grad, spec, config):
     dcap = [c.new_empty(c.shape) if need else c.new_empty((0,)) for c, need in zip(captured, captured_needs_grad)]
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dcap
+
+
+_lib.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+_lib.impl("attention_backward", _attention_backward_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("attn_inductor::attention", _attention_fake, lib=_lib)
+torch.library.register_fake("attn_inductor::attention_backward", _attention_backward_fake, lib=_lib)
+attention = torch.ops.attn_inductor.attention.default
+attention_backward = torch.ops.attn_inductor.attention_backward.default
 
 
 def _setup_context(ctx, inputs, output):
@@ -133,7 +154,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_lse_fb):
     return dq, dk, dv, dcap, None, None
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("attn_inductor::attention", _backward, setup_context=_setup_context, lib=_lib)
 
 
 def call_attention(q, k, v, captured, spec: AttentionSpec, **config) -> Tensor:
