@@ -30,6 +30,48 @@ def per_call_us(step, n=300):
     return (time.perf_counter() - t0) / n * 1e6
 
 
+LAYER_SPECS = ("causal",)
+
+
+def layers(var, q, k, v, g):
+    """The same attention one layer at a time: the Triton launcher alone, the op, the op with autograd."""
+    from attn_inductor.lowering import expr as E
+    from attn_inductor.lowering.spec import AttentionSpec
+    from attn_inductor.ops import call_attention, default_config
+    from attn_inductor.runtime import block_sparsity_for
+    from attn_inductor.templates import launch
+
+    mask = E.call("ge", E.q_idx, E.kv_idx, dtype=E.BOOL)
+    scale = q.shape[-1] ** -0.5
+    spec = AttentionSpec(score_live=E.score, mask=mask, scale=scale)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    sp = block_sparsity_for(mask, qd, kd, [], *launch.preferred_blocks(qd, kd, vd))
+    out, lse = launch.core_forward(qd, kd, vd, [], score=E.score, mask=mask, scale=scale, gqa_group=1, sparsity=sp)
+    spec_json, cfg = spec.to_json(), default_config()
+
+    def core_fwd():
+        launch.core_forward(qd, kd, vd, [], score=E.score, mask=mask, scale=scale, gqa_group=1, sparsity=sp)
+
+    def core_bwd():
+        launch.core_backward(qd, kd, vd, out, lse, g, [], [], score=E.score, mask=mask, scale=scale, gqa_group=1,
+                             sparsity=sp)
+
+    def op_fwd():
+        torch.ops.attn_inductor.attention(qd, kd, vd, [], spec_json, cfg)
+
+    def op_fwdbwd():
+        q.grad = k.grad = v.grad = None
+        call_attention(q, k, v, [], spec).backward(g)
+
+    for name, step in (("launch.core_forward", core_fwd), ("launch.core_backward", core_bwd),
+                       ("op forward", op_fwd), ("op forward+backward (autograd)", op_fwdbwd)):
+        def synced():
+            step()
+            torch.cuda.synchronize()
+        print(f"  {var} {name:32s} {per_call_us(step):7.1f} us/call back to back, {per_call_us(synced):7.1f} synced",
+              flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default="causal,document")
@@ -60,6 +102,8 @@ def main(argv=None):
                 fn(q, k, v).backward(g)
             print(f"{var:9s} {name:5s} fwd {per_call_us(fwd):7.1f} us   fwd+bwd {per_call_us(fwdbwd):7.1f} us",
                   flush=True)
+        if var in LAYER_SPECS:
+            layers(var, q, k, v, g)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(200):

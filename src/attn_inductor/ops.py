@@ -73,13 +73,16 @@ def _runtime():
 
 # Note [plain library registration]
 #     ``torch.library.custom_op`` wraps the implementation in Python layers that
-#     run on every call (an aliasing check over every input and output, a Dynamo
-#     disable context); on the H200 host they cost ~0.6 ms per call, more than
-#     the kernels of a 1024-token attention (benchmarks/host_overhead.py).  The
-#     ops are therefore defined with a schema on a ``torch.library.Library`` and
-#     one CompositeExplicitAutograd kernel each; fake kernels and autograd use the
-#     same ``torch.library.register_fake`` / ``register_autograd`` as custom ops,
-#     and ``torch.library.opcheck`` covers them (tests/test_backend.py).
+#     run on every call (an aliasing check over inputs and outputs, a Dynamo
+#     disable context).  A cProfile on the H200 host charged ~0.6 ms per call to
+#     that wrapper, but defining the ops as below did not lower the measured
+#     per-call host time (benchmarks/results/h200_host_overhead.md): the
+#     profile's attribution was off, and where the host time of a small
+#     attention goes is still open (issue "Fused Triton flash kernel").  The
+#     plain definition is kept as the leaner of the two: a schema on a
+#     ``torch.library.Library``, one CompositeExplicitAutograd kernel per op, and
+#     the same ``register_fake`` / ``register_autograd`` as custom ops;
+#     ``torch.library.opcheck`` covers them (tests/test_backend.py).
 _lib = torch.library.Library("attn_inductor", "DEF")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor[] captured, str spec, str config) "
             "-> (Tensor, Tensor, Tensor)")
