@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -193,6 +195,42 @@ def _hooks(score: Expr, mask: Expr | None, captured, needs_grad, q, k, backward:
     return render_hooks(score, mask, metas, bounds=bounds, backward=backward, fast_math=fast_math)
 
 
+# Note [launch plans]
+#     Everything a launch needs besides the tensors' data (rendered hooks, tile
+#     config, int32 sparsity tables and their strides, constexpr flags, the
+#     fitted-config key) depends only on the call site: the spec's expressions,
+#     the sparsity object, shapes, strides, dtypes, device and the policies read
+#     from the environment.  Recomputing it on every call was most of the host
+#     time of a small attention, so it is kept per call site in ``_plans``, keyed
+#     by those values.  Expressions and sparsity objects enter the key by
+#     identity, and the plan holds them, so an id cannot be reused by another
+#     object while the plan lives; a hit also checks identity.
+_plans: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PLANS_MAX = 256
+
+
+def _policy_key(dtype: torch.dtype, env: str) -> tuple:
+    tf32 = dtype == torch.float32 and _compat.fp32_matmul_allows_tf32()
+    return os.environ.get(env), _compat.triton_interpret_enabled(), tf32
+
+
+def _captured_key(captured) -> tuple:
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in captured)
+
+
+def _plan_get(key: tuple, refs: tuple):
+    hit = _plans.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit[0], refs)):
+        return None
+    return hit[1]
+
+
+def _plan_put(key: tuple, refs: tuple, plan) -> None:
+    _plans[key] = (refs, plan)
+    while len(_plans) > _PLANS_MAX:
+        _plans.popitem(last=False)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -208,13 +246,18 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    if sparsity is not None:
-        _check_sparsity(sparsity, q, k)
-    _check_captured(captured, q.device)
-    hooks = _hooks(score, mask, captured, None, q, k, backward=False)
-    cfg = configs.forward_config(max(d, dv), q.dtype, q.device, heavy=hooks.heavy)
-    tables, num_strides, idx_strides = _table_args(sparsity, lse, forward=True)
-    cap_ptrs, cap_strides = _captured_args(captured)
+    refs = (score, mask, sparsity)
+    plan_key = ("fwd", id(score), id(mask), id(sparsity), q.shape, q.stride(), k.shape, k.stride(), v.shape,
+                v.stride(), q.dtype, q.device, _captured_key(captured), row_select is not None, empty_rows, gqa_group,
+                _policy_key(q.dtype, "ATTN_INDUCTOR_FWD_CONFIG"))
+    plan = _plan_get(plan_key, refs)  # Note [launch plans]
+    if plan is None:
+        plan = _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows)
+        _plan_put(plan_key, refs, plan)
+    hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key = plan
+    if sparsity is None:
+        tables = (lse, lse, lse, lse)  # unused placeholders
+    cap_ptrs = _captured_args(captured)[0]
     if row_select is not None:
         if row_select.shape != (batch, hq, q_len):
             raise ValueError(f"row_select must be [B, Hq, Lq] = {(batch, hq, q_len)}, got {tuple(row_select.shape)}")
@@ -222,12 +265,6 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         rs_strides = rs.stride()
     else:
         rs, rs_strides = lse, (0, 0, 0)
-    meta = dict(
-        HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, IS_SPARSE=sparsity is not None,
-        HAS_ROW_SELECT=row_select is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv,
-        BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
-        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
-        EMPTY_NAN=empty_rows == "nan")
 
     def launch_one(c):
         block_m, block_n, q_mult, kv_mult = _tiles(sparsity, c.block_m, c.block_n, q_len, kv_len)
@@ -243,9 +280,29 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
-    key = _fit_key("fwd", hooks, cfg=cfg, dtype=q.dtype, device=str(q.device), **meta)
     _launch(_attn_fwd, key, _attempts(cfg, "block_n"), launch_one)
     return out, lse
+
+
+def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows) -> tuple:
+    """What core_forward needs besides the tensors' data (Note [launch plans]); checks the call site once."""
+    d, dv = q.shape[3], v.shape[3]
+    if sparsity is not None:
+        _check_sparsity(sparsity, q, k)
+    _check_captured(captured, q.device)
+    hooks = _hooks(score, mask, captured, None, q, k, backward=False)
+    cfg = configs.forward_config(max(d, dv), q.dtype, q.device, heavy=hooks.heavy)
+    placeholder = torch.empty(0, device=q.device)
+    tables, num_strides, idx_strides = _table_args(sparsity, placeholder, forward=True)
+    cap_strides = _captured_args(captured)[1]
+    meta = dict(
+        HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, IS_SPARSE=sparsity is not None,
+        HAS_ROW_SELECT=row_select is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv,
+        BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
+        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
+        EMPTY_NAN=empty_rows == "nan")
+    key = _fit_key("fwd", hooks, cfg=cfg, dtype=q.dtype, device=str(q.device), **meta)
+    return hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -309,47 +366,37 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
                                        for t, n in zip(captured, needs)]
     if batch * hq * q_len == 0 or kv_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dcap
-    if sparsity is not None:
-        _check_sparsity(sparsity, q, k)
-    _check_captured(captured, device)
-    float_needs = [n and t.is_floating_point() for t, n in zip(captured, needs)]
-    hooks = _hooks(score, mask, captured, float_needs, q, k, backward=True)
-    grad_needs = [n and hooks.grad_loads[i] > 0 for i, n in enumerate(float_needs)]
+    refs = (score, mask, sparsity)
+    plan_key = ("bwd", id(score), id(mask), id(sparsity), q.shape, q.stride(), k.shape, k.stride(), v.shape,
+                v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, device, _captured_key(captured),
+                tuple(needs), gqa_group, bool(deterministic), _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
+    plan = _plan_get(plan_key, refs)  # Note [launch plans]
+    if plan is None:
+        plan = _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic)
+        _plan_put(plan_key, refs, plan)
+    (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
+     mode_dkdv, mode_dq, pre_block) = plan
     any_grad = any(grad_needs)
 
     # preprocess: DELTA = rowsum(dO * O), LSE_X = LSE in the kernels' exponent units (+inf on dead rows)
     delta = torch.empty(batch, hq, q_len, dtype=torch.float32, device=device)
     lse_x = torch.empty_like(delta)
     lse_c = torch.zeros_like(delta) if hooks.has_score_mod else delta  # Note [absorbed rows] in attn_bwd.py
-    pre_block = min(_PREPROCESS_BLOCK, max(16, _pow2_at_least(q_len)))
-    if _compat.triton_interpret_enabled() and device.type == "cpu":
-        pre_block = configs.INTERPRETER_BLOCK
     _attn_bwd_preprocess[(triton_cdiv(q_len, pre_block), hq, batch)](
         out, grad_out, lse, delta, lse_x, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len,
         HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim), BASE2=not hooks.has_score_mod)
 
-    cfg = configs.backward_config(max(d, dv_dim), q.dtype, device, heavy=hooks.heavy)
-    cap_ptrs, cap_strides = _captured_args(captured)
+    cap_ptrs = _captured_args(captured)[0]
     bufs = _grad_buffers(captured, grad_needs, hooks, deterministic, delta)
     grads = tuple(b[0] for b in bufs)
     fixed = tuple(b[1] for b in bufs)
     max_bits = tuple(b[2] for b in bufs)
     counts = tuple(b[3] for b in bufs)
-    grad_strides = tuple(int(s) for t in captured for s in torch.empty(t.shape, device="meta").stride())
-    mode_dkdv = 2 if (any_grad and deterministic) else 0
-    mode_dq = (3 if deterministic else 1) if any_grad else 0
-    meta = dict(
-        HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, HAS_SCORE_GRAD=hooks.has_score_grad,
-        IS_SPARSE=sparsity is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv_dim,
-        BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv_dim),
-        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands())
-    fns = dict(SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, SCORE_MOD_GRAD=hooks.score_mod_grad,
-               CAPTURED_GRAD=hooks.captured_grad)
     grad_args = (cap_ptrs, cap_strides, grads, fixed, max_bits, counts, grad_strides)
-    fit = dict(cfg=cfg, dtype=q.dtype, device=str(device), **meta)
-
-    fwd_tables, fwd_num_strides, fwd_idx_strides = _table_args(sparsity, delta, forward=True)
-    tables, num_strides, idx_strides = _table_args(sparsity, delta, forward=False)
+    fwd_tables, fwd_num_strides, fwd_idx_strides = fwd_table_args
+    tables, num_strides, idx_strides = table_args
+    if sparsity is None:
+        fwd_tables = tables = (delta, delta, delta, delta)  # unused placeholders
 
     def launch_bwd(c, do_dkdv: bool, do_dq: bool, stats_pass: bool = False):
         """dK/dV programs (a kv tile of one kv head, every query head of its group) and/or dQ programs
@@ -394,3 +441,37 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         val = _decode_fixed_point(g, fx, mb, cnt) if deterministic else g
         dcap[i] = val.to(t.dtype)
     return dq, dk, dv, dcap
+
+
+def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic) -> tuple:
+    """What core_backward needs besides the tensors' data (Note [launch plans]); checks the call site once."""
+    q_len, d, dv_dim = q.shape[2], q.shape[3], v.shape[3]
+    device = q.device
+    if sparsity is not None:
+        _check_sparsity(sparsity, q, k)
+    _check_captured(captured, device)
+    float_needs = [n and t.is_floating_point() for t, n in zip(captured, needs)]
+    hooks = _hooks(score, mask, captured, float_needs, q, k, backward=True)
+    grad_needs = tuple(n and hooks.grad_loads[i] > 0 for i, n in enumerate(float_needs))
+    any_grad = any(grad_needs)
+    cfg = configs.backward_config(max(d, dv_dim), q.dtype, device, heavy=hooks.heavy)
+    cap_strides = _captured_args(captured)[1]
+    grad_strides = tuple(int(s) for t in captured for s in torch.empty(t.shape, device="meta").stride())
+    mode_dkdv = 2 if (any_grad and deterministic) else 0
+    mode_dq = (3 if deterministic else 1) if any_grad else 0
+    meta = dict(
+        HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, HAS_SCORE_GRAD=hooks.has_score_grad,
+        IS_SPARSE=sparsity is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv_dim,
+        BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv_dim),
+        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands())
+    fns = dict(SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, SCORE_MOD_GRAD=hooks.score_mod_grad,
+               CAPTURED_GRAD=hooks.captured_grad)
+    fit = dict(cfg=cfg, dtype=q.dtype, device=str(device), **meta)
+    placeholder = torch.empty(0, device=device)
+    fwd_table_args = _table_args(sparsity, placeholder, forward=True)
+    table_args = _table_args(sparsity, placeholder, forward=False)
+    pre_block = min(_PREPROCESS_BLOCK, max(16, _pow2_at_least(q_len)))
+    if _compat.triton_interpret_enabled() and device.type == "cpu":
+        pre_block = configs.INTERPRETER_BLOCK
+    return (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
+            mode_dkdv, mode_dq, pre_block)
