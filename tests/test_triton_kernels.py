@@ -595,3 +595,67 @@ def test_runtime_composition_with_finfo_min_rows():
     for name, got, want in zip(["dq", "dk", "dv", "dslopes"], [*grads[:3], grads[3][1]],
                                [t.grad for t in leaves]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------- launch plumbing
+
+
+class _FakeParam:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: ``compiled[grid](*args)`` with a launcher taking ``n_args``."""
+
+    def __init__(self, log, n_args):
+        self.log, self.n_args = log, n_args
+
+    def __getitem__(self, grid):
+        def runner(*args):
+            if len(args) != self.n_args:  # what the C launcher's argument parsing does
+                raise TypeError(f"takes {self.n_args} arguments, {len(args)} given")
+            self.log.append(("direct", grid, args))
+        return runner
+
+
+class _FakeKernel:
+    def __init__(self, log, launcher_args):
+        self.log = log
+        self.params = [_FakeParam("X", False), _FakeParam("n", False), _FakeParam("BLOCK", True)]
+        self.compiled = _FakeCompiled(log, launcher_args)
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return self.compiled
+        return run
+
+
+@pytest.mark.parametrize("launcher_args,form", [(3, "all"), (2, "runtime"), (5, "off")])
+def test_static_launch_forms(launcher_args, form, monkeypatch):
+    """Note [static launches]: JIT first, then the kept kernel directly, in the form its launcher takes."""
+    monkeypatch.setattr(launch, "_static", {})
+    monkeypatch.setattr(launch, "_static_form", {"form": None})
+    log = []
+    kernel = _FakeKernel(log, launcher_args)
+    x = torch.zeros(4)
+    for _ in range(3):
+        launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=("plan", 1))
+    assert launch._static_form["form"] == form
+    kinds = [entry[0] for entry in log]
+    if form == "off":  # neither form fits: every launch goes through the JIT, none is lost or doubled
+        assert kinds == ["jit", "jit", "jit"]
+    else:
+        assert kinds == ["jit", "direct", "direct"]
+        expected = (x, 7, 16) if form == "all" else (x, 7)
+        assert all(entry[2] == expected for entry in log[1:])
+    # a different tensor alignment is a different specialisation: back through the JIT once
+    launch._static_form["form"] = None if form == "off" else form
+    log.clear()
+    launch._run_kernel(kernel, (2, 1, 1), (x[1:], 7), dict(BLOCK=16, num_warps=4), site=("plan", 1))
+    assert log[0][0] == "jit"
+    # no site (CPU tensors, interpreter): always the JIT
+    log.clear()
+    launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=False)
+    assert [entry[0] for entry in log] == ["jit"]

@@ -182,6 +182,72 @@ def _launch(kernel, key: tuple, attempts: list, launch_one) -> None:
     raise error
 
 
+# Note [static launches]
+#     ``kernel[grid](...)`` goes through ``JITFunction.run``: it binds ~100
+#     arguments, builds the specialisation key and the options string, and looks
+#     up the compiled kernel, on every call (~50 us per launch on the H200 host,
+#     three launches per forward+backward).  Inductor's own kernels skip this
+#     with precompiled launchers.  Here, once a call site (its plan key, the
+#     kernel, the fitted config) has launched through the JIT, the
+#     ``CompiledKernel`` it returned is kept with the constexpr values, keyed
+#     also by the 16-byte alignment of every tensor argument (the only part of
+#     Triton's specialisation the plan key does not fix: ints, dtypes and
+#     constexprs are functions of it), and later calls launch it directly.
+#     Triton versions differ in whether the launcher takes the constexpr values
+#     (3.9 does); the first direct launch tries both forms, and a launcher that
+#     accepts neither raises TypeError while parsing the arguments, before
+#     launching, which turns direct launches off for the process.  CUDA tensors only (the interpreter and the
+#     cross-compile tests use the JIT); ``ATTN_INDUCTOR_STATIC_LAUNCH=0`` turns it off.
+_static: dict = {}
+_static_form: dict = {"form": None}  # "all" (constexprs passed), "runtime" (not), or "off"
+
+
+def _tensor_alignment(args) -> tuple:
+    bits = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            bits.append(a.data_ptr() % 16 == 0)
+        elif isinstance(a, tuple):
+            bits.extend(t.data_ptr() % 16 == 0 for t in a if isinstance(t, torch.Tensor))
+    return tuple(bits)
+
+
+def _run_kernel(kernel, grid, args: tuple, kwargs: dict, site) -> None:
+    """``kernel[grid](*args, **kwargs)``, launched directly when ``site`` has launched before (Note [static launches])."""
+    form = _static_form["form"]
+    if not site or form == "off" or os.environ.get("ATTN_INDUCTOR_STATIC_LAUNCH", "1") == "0":
+        kernel[grid](*args, **kwargs)
+        return
+    skey = (site, id(kernel), _tensor_alignment(args))
+    hit = _static.get(skey)
+    if hit is not None:
+        compiled, tail = hit
+        forms = (form,) if form is not None else ("all", "runtime")
+        for f in forms:
+            try:
+                compiled[grid](*(args + tail if f == "all" else args))
+            except (TypeError, AttributeError):  # raised while binding, before anything is launched
+                continue
+            _static_form["form"] = f
+            return
+        _static_form["form"] = "off"  # this Triton's launcher takes neither form: JIT from now on
+        _static.clear()
+        kernel[grid](*args, **kwargs)
+        return
+    compiled = kernel[grid](*args, **kwargs)
+    params = getattr(kernel, "params", None)
+    if compiled is None or params is None or len(params) < len(args):
+        return
+    runtime, constexpr = params[:len(args)], params[len(args):]
+    if any(p.is_constexpr for p in runtime) or not all(p.is_constexpr for p in constexpr):
+        return
+    try:
+        tail = tuple(kwargs[p.name] for p in constexpr)
+    except KeyError:
+        return
+    _static[skey] = (compiled, tail)
+
+
 def _fit_key(name: str, hooks, **meta) -> tuple:
     return (name, hooks.key) + tuple(sorted((k, v) for k, v in meta.items()))
 
@@ -255,6 +321,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         plan = _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows)
         _plan_put(plan_key, refs, plan)
     hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key = plan
+    static_site = q.device.type == "cuda"  # Note [static launches]
     if sparsity is None:
         tables = (lse, lse, lse, lse)  # unused placeholders
     cap_ptrs = _captured_args(captured)[0]
@@ -269,16 +336,15 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     def launch_one(c):
         block_m, block_n, q_mult, kv_mult = _tiles(sparsity, c.block_m, c.block_n, q_len, kv_len)
         grid = (triton_cdiv(q_len, block_m), hq, batch)
-        _attn_fwd[grid](
-            q, k, v, out, lse, rs, *tables, cap_ptrs, cap_strides,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *rs_strides,
-            *num_strides, *idx_strides,
-            q_len, kv_len, float(scale),
+        args = (q, k, v, out, lse, rs, *tables, cap_ptrs, cap_strides,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *rs_strides,
+                *num_strides, *idx_strides, q_len, kv_len, float(scale))
+        kwargs = dict(
             SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, **meta,
             BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult,
             EVEN_M=q_len % block_m == 0, EVEN_N=kv_len % (block_n * kv_mult) == 0,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+            num_warps=c.num_warps, num_stages=c.num_stages)
+        _run_kernel(_attn_fwd, grid, args, kwargs, static_site and (plan_key, tuple(rs_strides), c))
 
     _launch(_attn_fwd, key, _attempts(cfg, "block_n"), launch_one)
     return out, lse
@@ -376,15 +442,17 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         _plan_put(plan_key, refs, plan)
     (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
      mode_dkdv, mode_dq, pre_block) = plan
+    static_site = device.type == "cuda"  # Note [static launches]
     any_grad = any(grad_needs)
 
     # preprocess: DELTA = rowsum(dO * O), LSE_X = LSE in the kernels' exponent units (+inf on dead rows)
     delta = torch.empty(batch, hq, q_len, dtype=torch.float32, device=device)
     lse_x = torch.empty_like(delta)
     lse_c = torch.zeros_like(delta) if hooks.has_score_mod else delta  # Note [absorbed rows] in attn_bwd.py
-    _attn_bwd_preprocess[(triton_cdiv(q_len, pre_block), hq, batch)](
-        out, grad_out, lse, delta, lse_x, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len,
-        HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim), BASE2=not hooks.has_score_mod)
+    _run_kernel(_attn_bwd_preprocess, (triton_cdiv(q_len, pre_block), hq, batch),
+                (out, grad_out, lse, delta, lse_x, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len),
+                dict(HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim),
+                     BASE2=not hooks.has_score_mod), static_site and (plan_key, "preprocess"))
 
     cap_ptrs = _captured_args(captured)[0]
     bufs = _grad_buffers(captured, grad_needs, hooks, deterministic, delta)
@@ -405,11 +473,12 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
         kv_tiles = triton_cdiv(kv_len, block_n1)
         programs = (kv_tiles if do_dkdv else 0) + (triton_cdiv(q_len, block_m2) * gqa_group if do_dq else 0)
-        _attn_bwd[(programs, hkv, batch)](
-            q, k, v, grad_out, dq, dk, dv, lse_x, lse_c, delta, *fwd_tables, *tables, *grad_args,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-            *fwd_num_strides, *fwd_idx_strides, *num_strides, *idx_strides,
-            hq, q_len, kv_len, float(scale), kv_tiles, **fns, **meta,
+        args = (q, k, v, grad_out, dq, dk, dv, lse_x, lse_c, delta, *fwd_tables, *tables, *grad_args,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+                *fwd_num_strides, *fwd_idx_strides, *num_strides, *idx_strides,
+                hq, q_len, kv_len, float(scale), kv_tiles)
+        kwargs = dict(
+            **fns, **meta,
             DO_DKDV=do_dkdv, DKDV_GRAD_MODE=mode_dkdv, BLOCK_M1=block_m1, BLOCK_N1=block_n1,
             SPARSE_Q_MULT1=q_mult1, SPARSE_KV_MULT1=kv_mult1, EVEN_M1=q_len % (block_m1 * q_mult1) == 0,
             EVEN_N1=kv_len % block_n1 == 0,
@@ -417,6 +486,8 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
             SPARSE_Q_MULT2=q_mult2, SPARSE_KV_MULT2=kv_mult2, EVEN_M2=q_len % block_m2 == 0,
             EVEN_N2=kv_len % (block_n2 * kv_mult2) == 0, STATS_PASS=stats_pass, FULL_DELTA=any_grad,
             num_warps=c.num_warps, num_stages=c.num_stages)
+        _run_kernel(_attn_bwd, (programs, hkv, batch), args, kwargs,
+                    static_site and (plan_key, do_dkdv, do_dq, stats_pass, c))
 
     def run(name, do_dkdv, do_dq, stats_pass=False):
         inner = (("block_m1",) if do_dkdv else ()) + (("block_n2",) if do_dq else ())
