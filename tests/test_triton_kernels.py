@@ -637,6 +637,7 @@ def test_static_launch_forms(launcher_args, form, monkeypatch):
     """Note [static launches]: JIT first, then the kept kernel directly, in the form its launcher takes."""
     monkeypatch.setattr(launch, "_static", {})
     monkeypatch.setattr(launch, "_static_form", {"form": None})
+    monkeypatch.setenv("ATTN_INDUCTOR_STATIC_LAUNCH", "1")
     log = []
     kernel = _FakeKernel(log, launcher_args)
     x = torch.zeros(4)
@@ -655,7 +656,9 @@ def test_static_launch_forms(launcher_args, form, monkeypatch):
     log.clear()
     launch._run_kernel(kernel, (2, 1, 1), (x[1:], 7), dict(BLOCK=16, num_warps=4), site=("plan", 1))
     assert log[0][0] == "jit"
-    # no site (CPU tensors, interpreter): always the JIT
+    # no site (CPU tensors, interpreter), or not opted in: always the JIT
     log.clear()
     launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=False)
-    assert [entry[0] for entry in log] == ["jit"]
+    monkeypatch.setenv("ATTN_INDUCTOR_STATIC_LAUNCH", "0")
+    launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=("plan", 1))
+    assert [entry[0] for entry in log] == ["jit", "jit"]
