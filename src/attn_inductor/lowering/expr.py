@@ -141,6 +141,36 @@ class Call(Expr):
         return self.args
 
 
+def _memoise_hash(cls):
+    """Keep a node's structural hash once computed.
+
+    Expressions key many per-call caches (hooks, block sparsity, launch
+    plans); a frozen dataclass rehashes its whole tree on every lookup, which
+    showed in the host time of small attentions.  Children cache theirs too,
+    so hashing a new parent costs one level.  The cached value stays out of
+    pickles: string hashes differ between processes.
+    """
+    structural = cls.__hash__
+
+    def __hash__(self):
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = structural(self)
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    cls.__hash__ = __hash__
+    cls.__getstate__ = __getstate__
+    return cls
+
+
+for _node in (Load, Call):
+    _memoise_hash(_node)
+
+
 # ----------------------------------------------------------------------------- builders
 
 b, h, q_idx, kv_idx = (Index(n) for n in INDEX_NAMES)
