@@ -635,14 +635,14 @@ class _FakeKernel:
 @pytest.mark.parametrize("launcher_args,form", [(3, "all"), (2, "runtime"), (5, "off")])
 def test_static_launch_forms(launcher_args, form, monkeypatch):
     """Note [static launches]: JIT first, then the kept kernel directly, in the form its launcher takes."""
-    monkeypatch.setattr(launch, "_static", {})
     monkeypatch.setattr(launch, "_static_form", {"form": None})
+    kept = {}
     monkeypatch.setenv("ATTN_INDUCTOR_STATIC_LAUNCH", "1")
     log = []
     kernel = _FakeKernel(log, launcher_args)
     x = torch.zeros(4)
     for _ in range(3):
-        launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=("plan", 1))
+        launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=(kept, 1))
     assert launch._static_form["form"] == form
     kinds = [entry[0] for entry in log]
     if form == "off":  # neither form fits: every launch goes through the JIT, none is lost or doubled
@@ -654,11 +654,11 @@ def test_static_launch_forms(launcher_args, form, monkeypatch):
     # a different tensor alignment is a different specialisation: back through the JIT once
     launch._static_form["form"] = None if form == "off" else form
     log.clear()
-    launch._run_kernel(kernel, (2, 1, 1), (x[1:], 7), dict(BLOCK=16, num_warps=4), site=("plan", 1))
+    launch._run_kernel(kernel, (2, 1, 1), (x[1:], 7), dict(BLOCK=16, num_warps=4), site=(kept, 1))
     assert log[0][0] == "jit"
     # no site (CPU tensors, interpreter), or not opted in: always the JIT
     log.clear()
-    launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=False)
+    launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=None)
     monkeypatch.setenv("ATTN_INDUCTOR_STATIC_LAUNCH", "0")
-    launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=("plan", 1))
+    launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=(kept, 1))
     assert [entry[0] for entry in log] == ["jit", "jit"]

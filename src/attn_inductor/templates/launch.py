@@ -187,12 +187,12 @@ def _launch(kernel, key: tuple, attempts: list, launch_one) -> None:
 #     arguments, builds the specialisation key and the options string, and looks
 #     up the compiled kernel, on every call (~50 us per launch on the H200 host,
 #     three launches per forward+backward).  Inductor's own kernels skip this
-#     with precompiled launchers.  Here, once a call site (its plan key, the
+#     with precompiled launchers.  Here, once a call site (its launch plan, the
 #     kernel, the fitted config) has launched through the JIT, the
-#     ``CompiledKernel`` it returned is kept with the constexpr values, keyed
-#     also by the 16-byte alignment of every tensor argument (the only part of
-#     Triton's specialisation the plan key does not fix: ints, dtypes and
-#     constexprs are functions of it), and later calls launch it directly.
+#     ``CompiledKernel`` it returned is kept in the plan with the constexpr
+#     values, keyed also by the 16-byte alignment of every tensor argument (the
+#     only part of Triton's specialisation the plan does not fix: ints, dtypes
+#     and constexprs are functions of it), and later calls launch it directly.
 #     Triton versions differ in whether the launcher takes the constexpr values
 #     (3.9 does); the first direct launch tries both forms, and a launcher that
 #     accepts neither raises TypeError while parsing the arguments, before
@@ -200,7 +200,6 @@ def _launch(kernel, key: tuple, attempts: list, launch_one) -> None:
 #     cross-compile tests use the JIT).  Opt-in with ``ATTN_INDUCTOR_STATIC_LAUNCH=1`` until it has run on
 #     a GPU: the session that wrote it had no device time left, so only its logic is tested (with a fake
 #     kernel, tests/test_triton_kernels.py), not Triton 3.6's launcher.
-_static: dict = {}
 _static_form: dict = {"form": None}  # "all" (constexprs passed), "runtime" (not), or "off"
 
 
@@ -215,13 +214,19 @@ def _tensor_alignment(args) -> tuple:
 
 
 def _run_kernel(kernel, grid, args: tuple, kwargs: dict, site) -> None:
-    """``kernel[grid](*args, **kwargs)``, launched directly when ``site`` has launched before (Note [static launches])."""
+    """``kernel[grid](*args, **kwargs)``, launched directly when ``site`` has launched before (Note [static launches]).
+
+    ``site`` is None (always the JIT) or (the plan's dict of kept kernels, a key within the plan): kept
+    kernels live in their plan, whose identity checks make sure the hooks baked into them are the
+    call's own.
+    """
     form = _static_form["form"]
     if not site or form == "off" or os.environ.get("ATTN_INDUCTOR_STATIC_LAUNCH", "0") != "1":
         kernel[grid](*args, **kwargs)
         return
-    skey = (site, id(kernel), _tensor_alignment(args))
-    hit = _static.get(skey)
+    kept, local = site
+    skey = (local, _tensor_alignment(args))
+    hit = kept.get(skey)
     if hit is not None:
         compiled, tail = hit
         forms = (form,) if form is not None else ("all", "runtime")
@@ -233,7 +238,7 @@ def _run_kernel(kernel, grid, args: tuple, kwargs: dict, site) -> None:
             _static_form["form"] = f
             return
         _static_form["form"] = "off"  # this Triton's launcher takes neither form: JIT from now on
-        _static.clear()
+        kept.clear()
         kernel[grid](*args, **kwargs)
         return
     compiled = kernel[grid](*args, **kwargs)
@@ -247,7 +252,7 @@ def _run_kernel(kernel, grid, args: tuple, kwargs: dict, site) -> None:
         tail = tuple(kwargs[p.name] for p in constexpr)
     except KeyError:
         return
-    _static[skey] = (compiled, tail)
+    kept[skey] = (compiled, tail)
 
 
 def _fit_key(name: str, hooks, **meta) -> tuple:
@@ -322,7 +327,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     if plan is None:
         plan = _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows)
         _plan_put(plan_key, refs, plan)
-    hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key = plan
+    hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, kept = plan
     static_site = q.device.type == "cuda"  # Note [static launches]
     if sparsity is None:
         tables = (lse, lse, lse, lse)  # unused placeholders
@@ -346,7 +351,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
             BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult,
             EVEN_M=q_len % block_m == 0, EVEN_N=kv_len % (block_n * kv_mult) == 0,
             num_warps=c.num_warps, num_stages=c.num_stages)
-        _run_kernel(_attn_fwd, grid, args, kwargs, static_site and (plan_key, tuple(rs_strides), c))
+        _run_kernel(_attn_fwd, grid, args, kwargs, (kept, (tuple(rs_strides), c)) if static_site else None)
 
     _launch(_attn_fwd, key, _attempts(cfg, "block_n"), launch_one)
     return out, lse
@@ -370,7 +375,7 @@ def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_selec
         INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
         EMPTY_NAN=empty_rows == "nan")
     key = _fit_key("fwd", hooks, cfg=cfg, dtype=q.dtype, device=str(q.device), **meta)
-    return hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key
+    return hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, {}
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -443,7 +448,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         plan = _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic)
         _plan_put(plan_key, refs, plan)
     (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
-     mode_dkdv, mode_dq, pre_block) = plan
+     mode_dkdv, mode_dq, pre_block, kept) = plan
     static_site = device.type == "cuda"  # Note [static launches]
     any_grad = any(grad_needs)
 
@@ -454,7 +459,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     _run_kernel(_attn_bwd_preprocess, (triton_cdiv(q_len, pre_block), hq, batch),
                 (out, grad_out, lse, delta, lse_x, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len),
                 dict(HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim),
-                     BASE2=not hooks.has_score_mod), static_site and (plan_key, "preprocess"))
+                     BASE2=not hooks.has_score_mod), (kept, "preprocess") if static_site else None)
 
     cap_ptrs = _captured_args(captured)[0]
     bufs = _grad_buffers(captured, grad_needs, hooks, deterministic, delta)
@@ -489,7 +494,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
             EVEN_N2=kv_len % (block_n2 * kv_mult2) == 0, STATS_PASS=stats_pass, FULL_DELTA=any_grad,
             num_warps=c.num_warps, num_stages=c.num_stages)
         _run_kernel(_attn_bwd, (programs, hkv, batch), args, kwargs,
-                    static_site and (plan_key, do_dkdv, do_dq, stats_pass, c))
+                    (kept, (do_dkdv, do_dq, stats_pass, c)) if static_site else None)
 
     def run(name, do_dkdv, do_dq, stats_pass=False):
         inner = (("block_m1",) if do_dkdv else ()) + (("block_n2",) if do_dq else ())
@@ -547,4 +552,4 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         pre_block = configs.INTERPRETER_BLOCK
     return (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
-            mode_dkdv, mode_dq, pre_block)
+            mode_dkdv, mode_dq, pre_block, {})
