@@ -3,12 +3,14 @@
 Same three functions as ``cpu.py`` (``runtime.py`` composes either into the full
 spec semantics): ``preferred_blocks``, ``core_forward``, ``core_backward``.
 
-What happens per call: the score/mask hooks are rendered and loaded once per
+What happens per call: the first call of a call site builds its launch plan
+(Note [launch plans]): the score/mask hooks, rendered and loaded once per
 (expression, captured layout, index-width bucket) by ``hooks.render_hooks``;
-tiles come from ``configs`` and are shrunk to divide the sparsity table's
-blocks; captured tensors travel as a tuple of pointers plus a flat tuple of
-strides (bool tensors as uint8); everything else is plain strided pointers, so
-no input is copied, repeated (GQA) or made contiguous.
+tiles from ``configs``, shrunk to divide the sparsity table's blocks; int32
+tables and constexpr flags.  Later calls allocate outputs and launch.  Captured
+tensors travel as a tuple of pointers plus a flat tuple of strides (bool tensors
+as uint8); everything else is plain strided pointers, so no input is copied,
+repeated (GQA) or made contiguous.
 
 Invariants
 - q, k, v share one dtype among fp16 / bf16 / fp32; head dims up to
@@ -17,11 +19,8 @@ Invariants
 - Outputs are fresh contiguous tensors; out in v's dtype, lse fp32.
 - ``deterministic=True`` makes captured-tensor gradients bitwise repeatable
   (Note [captured gradients] in hook_lib); dq, dk, dv are always deterministic
-  (each is owned by one program and accumulated in a fixed order).  A variant
-  that accumulated dQ inside the dK/dV kernel with fp32 atomics (five tile
-  matmuls instead of seven) measured no faster on an H200 (causal 5.22 vs
-  5.24 ms, sliding 2.06 vs 1.89, B=2 H=16 S=8192 D=128 bf16; git 13d7cf9), so
-  dQ keeps its own kernel.
+  (each is owned by one program and accumulated in a fixed order; Note [one
+  backward launch] in attn_bwd.py says why dQ is not accumulated with atomics).
 
 What it does not do: dropout, fp64 inputs, head dims above 256.
 """
