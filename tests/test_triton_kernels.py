@@ -662,3 +662,31 @@ def test_static_launch_forms(launcher_args, form, monkeypatch):
     monkeypatch.setenv("ATTN_INDUCTOR_STATIC_LAUNCH", "0")
     launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=(kept, 1))
     assert [entry[0] for entry in log] == ["jit", "jit"]
+
+
+def test_launch_plans_follow_the_call_site(monkeypatch):
+    """Note [launch plans]: a plan is reused only for the very same expressions, sparsity and layout, and
+    an environment override of the tiles is a new plan."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr(launch, "_plans", OrderedDict())  # counted below; the module's is shared and bounded
+    q, k, v, _ = _inputs(1, 2, 2, 40, 40, 16, torch.float32)
+    common = dict(scale=0.25, gqa_group=1, sparsity=None)
+    start = len(launch._plans)
+    causal_out, _ = launch.core_forward(q, k, v, [], score=E.score, mask=causal_mask(), **common)
+    again, _ = launch.core_forward(q, k, v, [], score=E.score, mask=causal_mask(), **common)  # equal, not same
+    full_out, _ = launch.core_forward(q, k, v, [], score=E.score, mask=None, **common)
+    assert torch.equal(causal_out, again)
+    assert not torch.allclose(causal_out, full_out)
+    for out, mask in ((causal_out, causal_mask()), (full_out, None)):
+        ref, _ = reference(q, k, v, [], score=E.score, mask=mask, scale=0.25)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert len(launch._plans) - start == 3
+    mask = causal_mask()
+    launch.core_forward(q, k, v, [], score=E.score, mask=mask, **common)
+    launch.core_forward(q, k, v, [], score=E.score, mask=mask, **common)
+    assert len(launch._plans) - start == 4  # the same objects: one plan
+    monkeypatch.setenv("ATTN_INDUCTOR_FWD_CONFIG", "32,16,1,1")
+    tiled, _ = launch.core_forward(q, k, v, [], score=E.score, mask=mask, **common)
+    assert len(launch._plans) - start == 5
+    torch.testing.assert_close(tiled, causal_out)
