@@ -690,3 +690,31 @@ def test_launch_plans_follow_the_call_site(monkeypatch):
     tiled, _ = launch.core_forward(q, k, v, [], score=E.score, mask=mask, **common)
     assert len(launch._plans) - start == 5
     torch.testing.assert_close(tiled, causal_out)
+
+
+def test_dead_rows_nan_in_the_backward():
+    """empty_rows="nan" (Note [dead rows in the backward]): dq NaN on rows with no entry, dk/dv NaN on the
+    whole (batch, kv head) such a row reaches, everything else as with "zero" and as the CPU core gives."""
+    from attn_inductor import cpu
+
+    q, k, v, do = _inputs(2, 4, 2, 40, 40, 16, torch.float32)
+    # a query-padding mask held as a tensor: batch 0 rows 30.. of query head 1 (kv head 0) see nothing
+    live = torch.ones(2, 4, 40, dtype=torch.bool)
+    live[0, 1, 30:] = False
+    mask = E.and_(causal_mask(), E.Load(0, (E.b, E.h, E.q_idx), BOOL))
+    kw = dict(score=E.score, mask=mask, scale=0.25, gqa_group=2, sparsity=None)
+    out, lse = launch.core_forward(q, k, v, [live], **kw)
+    zero = launch.core_backward(q, k, v, out, lse, do, [live], [False], **kw)
+    nan = launch.core_backward(q, k, v, out, lse, do, [live], [False], empty_rows="nan", **kw)
+    on_cpu = cpu.core_backward(q, k, v, out, lse, do, [live], [False], empty_rows="nan", **kw)
+    dead = ~live
+    assert bool(torch.isnan(nan[0][dead]).all()) and not bool(torch.isnan(nan[0][live]).any())
+    torch.testing.assert_close(nan[0][live], zero[0][live])
+    for i in (1, 2):  # dk, dv: NaN exactly on (batch 0, kv head 0)
+        assert bool(torch.isnan(nan[i][0, 0]).all())
+        assert not bool(torch.isnan(nan[i][0, 1]).any()) and not bool(torch.isnan(nan[i][1]).any())
+        torch.testing.assert_close(nan[i][0, 1], zero[i][0, 1])
+        torch.testing.assert_close(nan[i][1], zero[i][1])
+    for ours, theirs in zip(nan[:3], on_cpu[:3]):
+        assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+        torch.testing.assert_close(ours.nan_to_num(), theirs.nan_to_num(), atol=1e-5, rtol=1e-5)

@@ -302,9 +302,24 @@ def _core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity,
 # ----------------------------------------------------------------------------- backward
 
 
-@torch.no_grad()
 def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *, score, mask, scale,
-                  gqa_group, sparsity, deterministic=False):
+                  gqa_group, sparsity, deterministic=False, empty_rows: str = "zero"):
+    """See ``_core_backward``; ``empty_rows="nan"`` gives eager's NaN gradients for rows whose lse is -inf
+    (their dq, and dk/dv of their (batch, kv head)), as the Triton kernels do."""
+    dq, dk, dv, dcap = _core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, score=score,
+                                      mask=mask, scale=scale, gqa_group=gqa_group, sparsity=sparsity)
+    if empty_rows == "nan":
+        dead = lse == -math.inf
+        batch, hkv = k.shape[0], k.shape[1]
+        dq = dq.masked_fill(dead.unsqueeze(-1), math.nan)
+        hit = dead.reshape(batch, hkv, -1).any(-1)[:, :, None, None]
+        dk, dv = dk.masked_fill(hit, math.nan), dv.masked_fill(hit, math.nan)
+    return dq, dk, dv, dcap
+
+
+@torch.no_grad()
+def _core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *, score, mask, scale,
+                   gqa_group, sparsity):
     """Rows whose lse is -inf contribute nothing. Returns dq, dk, dv (input dtypes) and a list with, for each
     captured tensor, its gradient (same shape/dtype) or None where captured_needs_grad[i] is False.
 

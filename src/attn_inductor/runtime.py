@@ -161,17 +161,22 @@ def attention_backward(spec: AttentionSpec, q, k, v, out, lse, lse_fallback, gra
     _check(spec, q, k, v, captured)
     common = dict(scale=spec.scale, gqa_group=spec.gqa_group, deterministic=deterministic)
     needs = list(captured_needs_grad)
+    eager_nan = spec.fully_masked_rows == "eager" and _may_have_empty_rows(spec, q, k)
+    # without a soft mask a dead row of the live pass is a row with no hard entry: the core writes its NaN
+    # gradients itself (as the forward writes its NaN output) instead of three passes over dq, dk, dv here
+    nan_in_core = eager_nan and not spec.has_soft_mask
     dq, dk, dv, dcap = impl.core_backward(
         q, k, v, out, lse, grad_out, captured, needs, score=spec.score_live, mask=spec.live_mask,
-        sparsity=_sparsity(impl, spec.live_mask, q, k, v, captured, backward=True), **common)
+        sparsity=_sparsity(impl, spec.live_mask, q, k, v, captured, backward=True),
+        **({"empty_rows": "nan"} if nan_in_core else {}), **common)
     if spec.has_soft_mask:
         fq, fk, fv, fcap = _fallback_backward(spec, q, k, v, lse_fallback, grad_out, captured, needs, impl,
                                               deterministic)
         dq, dk, dv = dq + fq, dk + fk, dv + fv
         dcap = [a if b is None else a + b for a, b in zip(dcap, fcap)]
-    if spec.fully_masked_rows == "eager" and _may_have_empty_rows(spec, q, k):
-        dq, dk, dv, dcap = _nan_like_eager(spec, q, k, _no_hard_entry(lse, lse_fallback), dq, dk, dv, dcap,
-                                           captured, needs)
+    if eager_nan:
+        dq, dk, dv, dcap = _nan_like_eager(spec, q, k, lse, lse_fallback, dq, dk, dv, dcap, captured, needs,
+                                           tensors_done=nan_in_core)
     return dq, dk, dv, dcap
 
 
@@ -202,16 +207,24 @@ def _fallback_backward(spec, q, k, v, lse_fallback, grad_out, captured, needs, i
     return dq, dk, dv, dcap[:-1]
 
 
-def _nan_like_eager(spec, q, k, dead, dq, dk, dv, dcap, captured, needs):
-    """Poison the gradients a NaN row reaches in eager's autograd (module docstring)."""
+def _nan_like_eager(spec, q, k, lse, lse_fallback, dq, dk, dv, dcap, captured, needs, tensors_done=False):
+    """Poison the gradients a NaN row reaches in eager's autograd (module docstring).
+
+    ``tensors_done``: the core already did dq, dk and dv (``empty_rows="nan"``); only captured
+    gradients are left, and nothing is computed when none is requested.
+    """
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    dq = _poison_rows(dq, dead)
-    kv_heads_hit = dead.view(batch, hkv, spec.gqa_group * q_len).any(-1)
-    dk = _poison_rows(dk, kv_heads_hit)
-    dv = _poison_rows(dv, kv_heads_hit)
     loads = [ld for ld in E.loads(spec.full_score)
              if needs[ld.buffer] and not E.is_const(E.diff(spec.full_score, ld), 0.0)]
+    if tensors_done and not loads:
+        return dq, dk, dv, dcap
+    dead = _no_hard_entry(lse, lse_fallback)
+    if not tensors_done:
+        dq = _poison_rows(dq, dead)
+        kv_heads_hit = dead.view(batch, hkv, spec.gqa_group * q_len).any(-1)
+        dk = _poison_rows(dk, kv_heads_hit)
+        dv = _poison_rows(dv, kv_heads_hit)
     if not loads or not bool(dead.any()):
         return dq, dk, dv, dcap
     dcap = list(dcap)

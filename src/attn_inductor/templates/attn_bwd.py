@@ -81,6 +81,13 @@ Note [dead rows in the backward]
     stored result (q bounds in dK/dV, kv bounds in dQ), so a NaN a hook computes
     from a masked-out load never leaks into the gradients; captured-gradient
     contributions are additionally masked by ``live`` (mask & bounds).
+    With EMPTY_NAN (a hard mask and eager's policy, runtime.py) the kernels also
+    give what autograd through eager's graph gives for such a row: its dq is
+    NaN, and dK/dV of the whole (batch, kv head) are NaN, since every key gets
+    P * dO and dS * q from the NaN row.  The preprocess kernel flags each
+    (batch, kv head) that has a dead row (DEAD, int32 [B, Hkv]) before the
+    dK/dV programs read it; this replaces three full passes over dq, dk, dv on
+    the host.
 """
 
 from __future__ import annotations
@@ -96,12 +103,13 @@ HUGE_LSE: tl.constexpr = tl.constexpr(4096.0)  # Note [absorbed rows]: |LSE| fro
 
 @triton.jit
 def _attn_bwd_preprocess(
-    OUT, DO, LSE, DELTA, LSE_X,
+    OUT, DO, LSE, DELTA, LSE_X, DEAD,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
     HQ, Q_LEN,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BASE2: tl.constexpr,
+    GQA_GROUP: tl.constexpr = 1, EMPTY_NAN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -123,6 +131,9 @@ def _attn_bwd_preprocess(
     row = (b64 * HQ + h64) * Q_LEN
     tl.store(DELTA + row + offs_m, delta, mask=q_ok)
     tl.store(LSE_X + row + offs_m, lse_x, mask=q_ok)
+    if EMPTY_NAN:  # Note [dead rows in the backward]: flag the (batch, kv head) a dead row reaches
+        dead = tl.max((q_ok & (lse == float("-inf"))).to(tl.int32), 0)
+        tl.atomic_max(DEAD + b64 * (HQ // GQA_GROUP) + h64 // GQA_GROUP, dead)
 
 
 # ----------------------------------------------------------------------------- dK / dV
@@ -197,7 +208,7 @@ def _attn_bwd_dkdv_inner(
 @triton.jit
 def _dkdv_program(
     pid_n, off_hkv, off_b,
-    Q, K, V, DO, DK, DV, LSE_X, LSE_C, DELTA,
+    Q, K, V, DO, DK, DV, LSE_X, LSE_C, DELTA, DEAD,
     Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -214,7 +225,7 @@ def _dkdv_program(
     IS_SPARSE: tl.constexpr, GQA_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, EMPTY_NAN: tl.constexpr,
 ):
     """dK and dV of kv tile ``pid_n`` of kv head ``off_hkv``, over every query head of its group."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -281,6 +292,10 @@ def _dkdv_program(
                 INPUT_PRECISION, FP32_OPERANDS)
 
     dk = dk * scale
+    if EMPTY_NAN:  # Note [dead rows in the backward]
+        poisoned = tl.load(DEAD + b64 * (HQ // GQA_GROUP) + off_hkv) > 0
+        dk = tl.where(poisoned, float("nan"), dk)
+        dv = tl.where(poisoned, float("nan"), dv)
     DK_BASE = DK + b64 * stride_dkb + off_hkv.to(tl.int64) * stride_dkh
     DV_BASE = DV + b64 * stride_dvb + off_hkv.to(tl.int64) * stride_dvh
     store_2d(DK_BASE + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -409,7 +424,7 @@ def _dq_program(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, STATS_PASS: tl.constexpr,
-    FULL_DELTA: tl.constexpr,
+    FULL_DELTA: tl.constexpr, EMPTY_NAN: tl.constexpr,
 ):
     """dQ of q tile ``pid_m`` of query head ``off_h`` (or, with STATS_PASS, its row statistics)."""
     off_hkv = off_h // GQA_GROUP
@@ -512,6 +527,8 @@ def _dq_program(
                 GRAD_MODE, EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
                 INPUT_PRECISION, FP32_OPERANDS)
         dq = dq * scale
+        if EMPTY_NAN:  # Note [dead rows in the backward]: eager's dq of a row with no entry is NaN
+            dq = tl.where((lse_x == float("inf"))[:, None], float("nan"), dq)
         store_2d(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm
                  + offs_d[None, :] * stride_dqd, lib.cast_for_store(dq, DQ.dtype.element_ty, FP32_OPERANDS), q_ok,
                  offs_d < HEAD_DIM, EVEN_M, EVEN_D)
@@ -522,7 +539,7 @@ def _dq_program(
 
 @triton.jit
 def _attn_bwd(
-    Q, K, V, DO, DQ, DK, DV, LSE_X, LSE_C, DELTA,
+    Q, K, V, DO, DQ, DK, DV, LSE_X, LSE_C, DELTA, DEAD,
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
     Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
     CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
@@ -544,7 +561,7 @@ def _attn_bwd(
     SPARSE_Q_MULT1: tl.constexpr, SPARSE_KV_MULT1: tl.constexpr, EVEN_M1: tl.constexpr, EVEN_N1: tl.constexpr,
     DO_DQ: tl.constexpr, DQ_GRAD_MODE: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     SPARSE_Q_MULT2: tl.constexpr, SPARSE_KV_MULT2: tl.constexpr, EVEN_M2: tl.constexpr, EVEN_N2: tl.constexpr,
-    STATS_PASS: tl.constexpr, FULL_DELTA: tl.constexpr,
+    STATS_PASS: tl.constexpr, FULL_DELTA: tl.constexpr, EMPTY_NAN: tl.constexpr,
 ):
     """dK/dV programs and dQ programs in one grid (Note [one backward launch]).
 
@@ -560,7 +577,7 @@ def _attn_bwd(
         if DO_DKDV:
             _dkdv_program(
                 pid, off_hkv, off_b,
-                Q, K, V, DO, DK, DV, LSE_X, LSE_C, DELTA, Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
+                Q, K, V, DO, DK, DV, LSE_X, LSE_C, DELTA, DEAD, Q_NUM_BLKS, Q_IDX, FULL_Q_NUM_BLKS, FULL_Q_IDX,
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
@@ -569,7 +586,7 @@ def _attn_bwd(
                 HQ, Q_LEN, KV_LEN, scale,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
                 DKDV_GRAD_MODE, IS_SPARSE, GQA_GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV,
-                SPARSE_Q_MULT1, SPARSE_KV_MULT1, EVEN_M1, EVEN_N1, INPUT_PRECISION, FP32_OPERANDS)
+                SPARSE_Q_MULT1, SPARSE_KV_MULT1, EVEN_M1, EVEN_N1, INPUT_PRECISION, FP32_OPERANDS, EMPTY_NAN)
     else:
         if DO_DQ:
             # heavy (late) q tiles first, as in the forward; the heads of the group side by side
@@ -587,4 +604,4 @@ def _attn_bwd(
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
                 DQ_GRAD_MODE, IS_SPARSE, GQA_GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M2, BLOCK_N2, BLOCK_D, BLOCK_DV,
                 SPARSE_Q_MULT2, SPARSE_KV_MULT2, EVEN_M2, EVEN_N2, INPUT_PRECISION, FP32_OPERANDS, STATS_PASS,
-                FULL_DELTA)
+                FULL_DELTA, EMPTY_NAN)

@@ -418,8 +418,12 @@ def _decode_fixed_point(grad_f: torch.Tensor, fixed: torch.Tensor, max_bits: tor
 
 
 def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *, score, mask, scale, gqa_group,
-                  sparsity, deterministic=False):
-    """-> dq, dk, dv (input dtypes) and per captured tensor its gradient or None."""
+                  sparsity, deterministic=False, empty_rows: str = "zero"):
+    """-> dq, dk, dv (input dtypes) and per captured tensor its gradient or None.
+
+    ``empty_rows="nan"``: rows whose lse is -inf get eager's NaN dq, and dk/dv of the (batch, kv head)
+    they belong to are NaN (Note [dead rows in the backward] in attn_bwd.py); else they contribute 0.
+    """
     from .attn_bwd import _attn_bwd, _attn_bwd_preprocess
 
     _check(q, k, v, gqa_group)
@@ -441,7 +445,8 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     refs = (score, mask, sparsity)
     plan_key = ("bwd", id(score), id(mask), id(sparsity), q.shape, q.stride(), k.shape, k.stride(), v.shape,
                 v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, device, _captured_key(captured),
-                tuple(needs), gqa_group, bool(deterministic), _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
+                tuple(needs), gqa_group, bool(deterministic), empty_rows,
+                _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
     plan = _plan_get(plan_key, refs)  # Note [launch plans]
     if plan is None:
         plan = _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic)
@@ -455,10 +460,14 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     delta = torch.empty(batch, hq, q_len, dtype=torch.float32, device=device)
     lse_x = torch.empty_like(delta)
     lse_c = torch.zeros_like(delta) if hooks.has_score_mod else delta  # Note [absorbed rows] in attn_bwd.py
+    empty_nan = empty_rows == "nan"
+    dead = torch.zeros(batch, hkv, dtype=torch.int32, device=device) if empty_nan else delta
     _run_kernel(_attn_bwd_preprocess, (triton_cdiv(q_len, pre_block), hq, batch),
-                (out, grad_out, lse, delta, lse_x, *out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len),
+                (out, grad_out, lse, delta, lse_x, dead, *out.stride(), *grad_out.stride(), *lse.stride(), hq,
+                 q_len),
                 dict(HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim),
-                     BASE2=not hooks.has_score_mod), (kept, "preprocess") if static_site else None)
+                     BASE2=not hooks.has_score_mod, GQA_GROUP=gqa_group, EMPTY_NAN=empty_nan),
+                (kept, "preprocess") if static_site else None)
 
     cap_ptrs = _captured_args(captured)[0]
     bufs = _grad_buffers(captured, grad_needs, hooks, deterministic, delta)
@@ -479,7 +488,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
         kv_tiles = triton_cdiv(kv_len, block_n1)
         programs = (kv_tiles if do_dkdv else 0) + (triton_cdiv(q_len, block_m2) * gqa_group if do_dq else 0)
-        args = (q, k, v, grad_out, dq, dk, dv, lse_x, lse_c, delta, *fwd_tables, *tables, *grad_args,
+        args = (q, k, v, grad_out, dq, dk, dv, lse_x, lse_c, delta, dead, *fwd_tables, *tables, *grad_args,
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
                 *fwd_num_strides, *fwd_idx_strides, *num_strides, *idx_strides,
                 hq, q_len, kv_len, float(scale), kv_tiles)
@@ -491,13 +500,13 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
             DO_DQ=do_dq, DQ_GRAD_MODE=0 if stats_pass else mode_dq, BLOCK_M2=block_m2, BLOCK_N2=block_n2,
             SPARSE_Q_MULT2=q_mult2, SPARSE_KV_MULT2=kv_mult2, EVEN_M2=q_len % block_m2 == 0,
             EVEN_N2=kv_len % (block_n2 * kv_mult2) == 0, STATS_PASS=stats_pass, FULL_DELTA=any_grad,
-            num_warps=c.num_warps, num_stages=c.num_stages)
+            EMPTY_NAN=empty_nan, num_warps=c.num_warps, num_stages=c.num_stages)
         _run_kernel(_attn_bwd, (programs, hkv, batch), args, kwargs,
                     (kept, (do_dkdv, do_dq, stats_pass, c)) if static_site else None)
 
     def run(name, do_dkdv, do_dq, stats_pass=False):
         inner = (("block_m1",) if do_dkdv else ()) + (("block_n2",) if do_dq else ())
-        key = _fit_key(name, hooks, modes=(mode_dkdv, mode_dq), full=any_grad, **fit)
+        key = _fit_key(name, hooks, modes=(mode_dkdv, mode_dq), full=any_grad, nan=empty_nan, **fit)
         _launch(_attn_bwd, key, _attempts(cfg, inner), lambda c: launch_bwd(c, do_dkdv, do_dq, stats_pass))
 
     if hooks.has_score_mod:
