@@ -22,7 +22,7 @@ from attn_inductor.lowering import expr as E  # noqa: E402
 from attn_inductor.runtime import block_sparsity_for  # noqa: E402
 from attn_inductor.templates import launch  # noqa: E402
 from tests.test_triton_kernels import (  # noqa: E402
-    _inputs, alibi_score, causal_mask, check_case, document_mask, relbias_score, sliding_mask, softcap_score)
+    BOOL, _inputs, alibi_score, causal_mask, check_case, document_mask, relbias_score, sliding_mask, softcap_score)
 
 CUDA = "cuda"
 
@@ -122,6 +122,27 @@ def test_nan_in_query_row_propagates():
                                    sparsity=production_sparsity(causal_mask(), q, k, []))
     assert bool(out[0, 1, 700].isnan().all())
     assert int(out.isnan().any(-1).sum()) == 1
+
+
+def test_dead_rows_nan_in_the_backward():
+    """A padding mask held as a tensor leaves rows with no entry: their dq is NaN, and so are dk/dv of the
+    (batch, kv head) they reach, as autograd through eager gives (Note [dead rows in the backward])."""
+    q, k, v, do = _inputs(2, 4, 2, 1000, 1000, 128, torch.bfloat16, device=CUDA)
+    live = torch.ones(2, 4, 1000, dtype=torch.bool, device=CUDA)
+    live[0, 1, 900:] = False
+    mask = E.and_(causal_mask(), E.Load(0, (E.b, E.h, E.q_idx), BOOL))
+    kw = dict(score=E.score, mask=mask, scale=128 ** -0.5, gqa_group=2,
+              sparsity=production_sparsity(mask, q, k, [live]))
+    out, lse = launch.core_forward(q, k, v, [live], **kw)
+    zero = launch.core_backward(q, k, v, out, lse, do, [live], [False], **kw)
+    nan = launch.core_backward(q, k, v, out, lse, do, [live], [False], empty_rows="nan", **kw)
+    dead = ~live
+    assert bool(torch.isnan(nan[0][dead]).all()) and not bool(torch.isnan(nan[0][live]).any())
+    torch.testing.assert_close(nan[0][live], zero[0][live], atol=0, rtol=0)
+    for i in (1, 2):
+        assert bool(torch.isnan(nan[i][0, 0]).all())
+        assert not bool(torch.isnan(nan[i][0, 1]).any()) and not bool(torch.isnan(nan[i][1]).any())
+        torch.testing.assert_close(nan[i][1], zero[i][1], atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- speed
