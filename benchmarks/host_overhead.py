@@ -77,6 +77,7 @@ def main(argv=None):
     p.add_argument("--variants", default="causal,document")
     p.add_argument("--shape", default="1,1,128,64")
     p.add_argument("--profile-rows", type=int, default=30)
+    p.add_argument("--trace", action="store_true", help="torch.profiler table of ours (CPU ops and kernels)")
     a = p.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -118,6 +119,15 @@ def main(argv=None):
         assert max(errs) < 5e-2, errs
         if var in LAYER_SPECS:
             layers(var, q, k, v, g)
+        if a.trace:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+                for _ in range(20):
+                    q.grad = k.grad = v.grad = None
+                    ours(q, k, v).backward(g)
+                torch.cuda.synchronize()
+            print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile_rows, max_name_column_width=70),
+                  flush=True)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(200):
