@@ -503,3 +503,86 @@ def test_no_mask_is_dense_full():
     bs = get_block_sparsity(None, batch=2, heads=2, q_len=100, kv_len=70, captured=[], block_m=32, block_n=32,
                             device="cpu")
     assert (bs.block_map() == FULL).all() and bs.block_map().shape == (1, 1, 4, 3)
+
+
+# ----------------------------------------------------------------------------- closed-form kv bounds
+
+from attn_inductor.masks import bounds as kvb  # noqa: E402
+
+
+def _truth(pred, q_len, kv_len):
+    qq, kk = torch.arange(q_len).view(-1, 1), torch.arange(kv_len).view(1, -1)
+    return E.evaluate(pred, {"q_idx": qq, "kv_idx": kk}).broadcast_to(q_len, kv_len)
+
+
+def _tile_truth(truth, block_m, block_n):
+    nq, nk = -(-truth.shape[0] // block_m), -(-truth.shape[1] // block_n)
+    out = torch.full((nq, nk), PARTIAL, dtype=torch.int8)
+    for i in range(nq):
+        for j in range(nk):
+            tile = truth[i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+            out[i, j] = FULL if bool(tile.all()) else EMPTY if not bool(tile.any()) else PARTIAL
+    return out
+
+
+def _check_bounds(pred, q_len, kv_len, block_m, block_n, exact=True):
+    """lo(q) <= kv < hi(q) equals the predicate; both walks are sound, and exact for gap-free masks."""
+    iv = kvb.kv_interval(pred)
+    assert iv is not None, E.format_expr(pred)
+    truth = _truth(pred, q_len, kv_len)
+    qq, kk = torch.arange(q_len).view(-1, 1), torch.arange(kv_len).view(1, -1)
+    lo, hi = E.evaluate(iv.lo, {"q_idx": qq}), E.evaluate(iv.hi, {"q_idx": qq})
+    assert torch.equal((kk >= lo) & (kk < hi), truth)
+    want = _tile_truth(truth, block_m, block_n)
+    for backward in (False, True):
+        walked = kvb.walk_block_map(iv, q_len, kv_len, block_m, block_n, backward=backward)
+        assert not bool(((walked == EMPTY) & (want != EMPTY)).any()), "an EMPTY tile holds entries"
+        assert not bool(((walked == FULL) & (want != FULL)).any()), "a FULL tile holds masked entries"
+        if exact:
+            assert torch.equal(walked, want)
+
+
+@pytest.mark.parametrize("pred,expected", [
+    (CAUSAL, "0 <= kv_idx < q_idx + 1"),
+    (call("le", sub(kv, q), c(0)), "0 <= kv_idx < q_idx + 1"),                   # kv_idx - q_idx <= 0
+    (call("lt", sub(kv, q), c(1)), "0 <= kv_idx < q_idx + 1"),
+    (call("not", call("lt", q, kv)), "0 <= kv_idx < q_idx + 1"),
+    (call("ge", add(q, 37), kv), "0 <= kv_idx < q_idx + 38"),                    # causal, Lk = Lq + 37
+    (sliding_window(5), "q_idx - 4 <= kv_idx < q_idx + 1"),
+    (call("le", call("abs", sub(q, kv), dtype=I64), c(3)), "q_idx - 3 <= kv_idx < q_idx + 4"),
+    (prefix_lm(6), "0 <= kv_idx < max(6, q_idx + 1)"),
+    (chunked(8), "q_idx // 8 * 8 <= kv_idx < (q_idx // 8 + 1) * 8"),
+    (call("ge", kv, q), "q_idx <= kv_idx < 1073741824"),                         # anti-causal
+])
+def test_closed_form_bounds_recognised(pred, expected):
+    iv = kvb.kv_interval(pred)
+    assert iv is not None and iv.describe() == expected
+    _check_bounds(pred, 45, 61, 16, 16)
+
+
+@pytest.mark.parametrize("pred,why", [
+    (call("ne", q, kv), "!= is not an interval"),
+    (call("ge", kv, call("neg", q, dtype=I64)), "a decreasing bound"),
+    (call("and", CAUSAL, call("lt", q, c(100))), "a condition on q alone"),
+    (call("and", CAUSAL, call("lt", h, c(2))), "depends on the head"),
+    (same_document(), "reads a tensor"),
+    (call("or", call("lt", kv, c(3)), call("ge", kv, q)), "a union with a gap"),
+])
+def test_closed_form_bounds_refused(pred, why):
+    assert kvb.kv_interval(pred) is None, why
+
+
+def test_closed_form_bounds_with_gaps_stay_sound():
+    """kv == 2 q is an exact interval per row, but rows skip columns: tiles in the gaps are walked as PARTIAL."""
+    _check_bounds(call("eq", kv, call("mul", q, c(2), dtype=I64)), 40, 90, 8, 16, exact=False)
+
+
+@settings(max_examples=80, deadline=None)
+@given(q_len=st.integers(1, 200), kv_len=st.integers(1, 200), window=st.integers(1, 200),
+       offset=st.integers(-50, 50), prefix=st.integers(0, 200), chunk=st.integers(1, 64),
+       block_m=st.sampled_from([1, 3, 16, 32, 64]), block_n=st.sampled_from([1, 5, 16, 32, 64]))
+def test_closed_form_walks_for_any_shape(q_len, kv_len, window, offset, prefix, chunk, block_m, block_n):
+    shifted = call("ge", add(q, offset), kv)
+    for pred in (CAUSAL, shifted, call("and", shifted, call("lt", sub(add(q, offset), kv), c(window))),
+                 prefix_lm(prefix), chunked(chunk), call("ge", kv, q)):
+        _check_bounds(pred, q_len, kv_len, block_m, block_n)

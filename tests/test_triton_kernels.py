@@ -297,7 +297,10 @@ def test_no_mask(lq, lk, d):
 
 
 @pytest.mark.parametrize("sparsity", ["map", "dense", "none"])
-def test_causal_block_kinds(sparsity):
+def test_causal_block_kinds(sparsity, monkeypatch):
+    """Tables of every kind (read because ATTN_INDUCTOR_SPARSITY=tables), and no table (closed-form bounds)."""
+    if sparsity != "none":
+        monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
     q, k, v, do = _inputs(2, 2, 2, 33, 33, 16, torch.float32)
     mask = causal_mask()
     if sparsity == "map":  # the brute-force map has all three kinds
@@ -307,8 +310,9 @@ def test_causal_block_kinds(sparsity):
     check_case(q, k, v, do, [], [], score=E.score, mask=mask, scale=0.25, sparsity=sparsity)
 
 
-def test_table_blocks_larger_than_tiles():
+def test_table_blocks_larger_than_tiles(monkeypatch):
     """Tables with 32-blocks walked as 2 x 2 kernel tiles of 16."""
+    monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
     q, k, v, do = _inputs(1, 2, 2, 50, 70, 16, torch.float32)
     mask = causal_mask(offset=20)
     sp = causal_block_map(mask, batch=1, heads=1, q_len=50, kv_len=70, block_m=32, block_n=32)
@@ -527,11 +531,13 @@ def test_hooks_cached_and_dumped(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_random_combinations(seed):
-    """Shapes, dtypes, masks, score mods, GQA and table blocks drawn together."""
+def test_random_combinations(seed, monkeypatch):
+    """Shapes, dtypes, masks, score mods, GQA and table blocks (or closed-form bounds) drawn together."""
     import random
 
     rnd = random.Random(seed)
+    if rnd.random() < 0.5:
+        monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
     group = rnd.choice([1, 2, 4])
     hq = group * rnd.choice([1, 2])
     lq, lk = rnd.choice([1, 5, 17, 33, 48]), rnd.choice([3, 16, 31, 50])
@@ -718,3 +724,103 @@ def test_dead_rows_nan_in_the_backward():
     for ours, theirs in zip(nan[:3], on_cpu[:3]):
         assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
         torch.testing.assert_close(ours.nan_to_num(), theirs.nan_to_num(), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- closed-form bounds
+
+_I64 = E.INT64
+
+
+def _bounded_masks():
+    c = lambda v: E.const(v, _I64)  # noqa: E731
+    return {
+        "causal, Lk > Lq": causal_mask(offset=16),
+        "sliding window": sliding_mask(7),
+        "prefix-LM": E.call("or", E.call("lt", E.kv_idx, c(6), dtype=BOOL), E.call("le", E.kv_idx, E.q_idx, dtype=BOOL),
+                            dtype=BOOL),
+        "chunked": E.call("eq", E.call("floordiv", E.q_idx, c(8), dtype=_I64),
+                          E.call("floordiv", E.kv_idx, c(8), dtype=_I64), dtype=BOOL),
+        "anti-causal": E.call("ge", E.kv_idx, E.q_idx, dtype=BOOL),
+        "kv == 2 q (gaps)": E.call("eq", E.kv_idx, E.call("mul", E.q_idx, c(2), dtype=_I64), dtype=BOOL),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bounded_masks()))
+def test_closed_form_bounds_in_the_kernels(name):
+    """Masks with closed-form kv bounds run without tables (KV_BOUNDS), forward and backward, GQA, odd lengths."""
+    mask = _bounded_masks()[name]
+    q, k, v, do = _inputs(1, 4, 2, 37, 53, 16, torch.float32)
+    start = len(launch._plans)
+    check_case(q, k, v, do, [], [], score=E.score, mask=mask, scale=0.25, gqa_group=2, sparsity="none")
+    new = list(launch._plans.values())[start - len(launch._plans):] if len(launch._plans) > start else []
+    metas = [next(x for x in plan if isinstance(x, dict) and "KV_BOUNDS" in x) for _, plan in new]
+    assert len(metas) == 2 and all(m["KV_BOUNDS"] for m in metas), "forward and backward walk the bounds"
+
+
+def test_closed_form_bounds_with_a_score_mod_and_tables_forced(monkeypatch):
+    """ALiBi over a causal mask on the bounds; the same with ATTN_INDUCTOR_SPARSITY=tables reads the tables."""
+    q, k, v, do = _inputs(1, 4, 4, 33, 40, 16, torch.float32)
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / 4) for i in range(4)])
+    mask = causal_mask(offset=7)
+    check_case(q, k, v, do, [slopes], [True], score=alibi_score(), mask=mask, scale=0.25)
+    monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
+    start = len(launch._plans)
+    check_case(q, k, v, do, [slopes], [True], score=alibi_score(), mask=mask, scale=0.25)
+    metas = [next(x for x in plan if isinstance(x, dict) and "KV_BOUNDS" in x)
+             for _, plan in list(launch._plans.values())[start - len(launch._plans):]]
+    assert metas and not any(m["KV_BOUNDS"] for m in metas) and all(m["IS_SPARSE"] for m in metas)
+
+
+@pytest.mark.parametrize("name", ["causal, Lk > Lq", "sliding window", "prefix-LM", "chunked", "kv == 2 q (gaps)"])
+def test_kernel_walks_equal_the_python_walks(name):
+    """bounded_kv_walk / bounded_q_walk (Triton) compute what masks/bounds.py's forward_walk / backward_walk do."""
+    import triton
+    import triton.language as tl
+
+    from attn_inductor.masks import bounds as kvb
+    from attn_inductor.templates import attn_fwd
+
+    @triton.jit
+    def walks(OUT, KV_LO: tl.constexpr, KV_HI: tl.constexpr, Q_LEN, KV_LEN, BM: tl.constexpr, BN: tl.constexpr,
+              BACKWARD: tl.constexpr, Q_WALK: tl.constexpr, KV_WALK: tl.constexpr):
+        i = tl.program_id(0)
+        if BACKWARD:
+            a, b, c, d = Q_WALK(KV_LO, KV_HI, i * BN, tl.minimum(i * BN + BN, KV_LEN) - 1, Q_LEN, BM)
+        else:
+            a, b, c, d = KV_WALK(KV_LO, KV_HI, i * BM, tl.minimum(i * BM + BM, Q_LEN) - 1, KV_LEN, BN)
+        tl.store(OUT + i * 4 + 0, a)
+        tl.store(OUT + i * 4 + 1, b)
+        tl.store(OUT + i * 4 + 2, c)
+        tl.store(OUT + i * 4 + 3, d)
+
+    mask = _bounded_masks()[name]
+    rendered = hooks.render_hooks(E.score, mask, ())
+    iv = kvb.kv_interval(mask)
+    for q_len, kv_len, bm, bn in ((37, 53, 16, 16), (100, 64, 32, 16), (5, 90, 16, 32)):
+        for backward in (False, True):
+            n = -(-kv_len // bn) if backward else -(-q_len // bm)
+            out = torch.zeros(n * 4, dtype=torch.int32)
+            walks[(n,)](out, rendered.kv_lo, rendered.kv_hi, q_len, kv_len, bm, bn, backward,
+                        attn_fwd.bounded_q_walk, attn_fwd.bounded_kv_walk)
+            for i in range(n):
+                want = (kvb.backward_walk(iv, i * bn, min(i * bn + bn, kv_len) - 1, q_len, bm) if backward else
+                        kvb.forward_walk(iv, i * bm, min(i * bm + bm, q_len) - 1, kv_len, bn))
+                assert tuple(out[4 * i:4 * i + 4].tolist()) == want, (name, q_len, kv_len, backward, i)
+
+
+def test_explain_names_the_walk(monkeypatch):
+    """explain() says whether the kernels walk closed-form bounds or tables, and which implementation runs."""
+    import attn_inductor
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            n = q.shape[-2]
+            s = (q @ k.mT).masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+            return torch.softmax(s, -1) @ v
+
+    q = torch.randn(1, 2, 40, 16)
+    text = str(attn_inductor.explain(Causal(), q, q, q))
+    assert "triton-interpreter" in text
+    assert "walk:  closed-form kv bounds 0 <= kv_idx < q_idx + 1 (in the kernel, no tables)" in text
+    monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
+    assert "walk:  block-sparsity tables" in str(attn_inductor.explain(Causal(), q, q, q))

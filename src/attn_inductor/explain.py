@@ -68,6 +68,8 @@ class ExplainReport:
                                  + (f"  ({s.sparsity_note})" if s.sparsity_note else ""))
                 elif s.sparsity_note:
                     lines.append(f"         note: {s.sparsity_note}")
+                if s.walk:
+                    lines.append(f"         walk:  {s.walk}")
                 if s.block_map:
                     for row in s.block_map.splitlines():
                         lines.append(f"         {row}")

@@ -35,6 +35,7 @@ class SiteReport:
     gqa_group: int | None = None
     implementation: str | None = None
     blocks: tuple | None = None
+    walk: str | None = None             # how the kernels find their tiles: closed-form bounds or tables
     captured: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -94,6 +95,16 @@ def _fill_sparsity(rep: SiteReport, m: AttentionMatch, real_inputs: dict, device
         rep.sparsity = 1.0
         rep.sparsity_note = "no mask: dense"
         return
+    if impl.startswith("triton"):
+        import os
+
+        from .masks.bounds import kv_interval
+
+        iv = kv_interval(pred)
+        if iv is not None and os.environ.get("ATTN_INDUCTOR_SPARSITY", "auto") != "tables":
+            rep.walk = f"closed-form kv bounds {iv.describe()} (in the kernel, no tables)"
+        else:
+            rep.walk = "block-sparsity tables"
     captured = []
     for c in m.captured:
         real = real_inputs.get(c)

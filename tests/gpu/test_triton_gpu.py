@@ -47,7 +47,10 @@ def test_no_mask(d):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_causal(d):
+@pytest.mark.parametrize("walk", ["bounds", "tables"])
+def test_causal(d, walk, monkeypatch):
+    if walk == "tables":
+        monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
     run(1, 2, 2, 4096, 4096, d, score=E.score, mask=causal_mask())
 
 

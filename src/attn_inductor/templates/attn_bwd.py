@@ -96,7 +96,7 @@ import triton
 import triton.language as tl
 
 from . import hook_lib as lib
-from .attn_fwd import LOG2E, load_2d, mask_scores, store_2d, tile_start
+from .attn_fwd import LOG2E, bounded_kv_walk, bounded_q_walk, load_2d, mask_scores, store_2d, walk_start
 
 HUGE_LSE: tl.constexpr = tl.constexpr(4096.0)  # Note [absorbed rows]: |LSE| from which fp32 loses ln(l)
 
@@ -226,6 +226,7 @@ def _dkdv_program(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, EMPTY_NAN: tl.constexpr,
+    KV_BOUNDS: tl.constexpr, KV_LO: tl.constexpr, KV_HI: tl.constexpr,
 ):
     """dK and dV of kv tile ``pid_n`` of kv head ``off_hkv``, over every query head of its group."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -249,6 +250,17 @@ def _dkdv_program(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     sp_col = pid_n // SPARSE_KV_MULT
+    full_from = 0  # KV_BOUNDS: as in _attn_fwd, over q tiles
+    part_head = 0
+    part_from = 0
+    tail_from = 0
+    if KV_BOUNDS:  # Note [closed-form bounds] in masks/bounds.py: the same q tiles for every head
+        t_lo, full_from, f_hi, t_hi = bounded_q_walk(KV_LO, KV_HI, pid_n * BLOCK_N,
+                                                     tl.minimum(pid_n * BLOCK_N + BLOCK_N, KV_LEN) - 1, Q_LEN,
+                                                     BLOCK_M)
+        part_head = full_from - t_lo
+        part_from = t_lo
+        tail_from = f_hi
 
     for g in range(0, GQA_GROUP):
         off_h = off_hkv * GQA_GROUP + g
@@ -259,7 +271,12 @@ def _dkdv_program(
         LSE_X_ROW = LSE_X + (b64 * HQ + h64) * Q_LEN
         LSE_C_ROW = LSE_C + (b64 * HQ + h64) * Q_LEN
         DELTA_ROW = DELTA + (b64 * HQ + h64) * Q_LEN
-        if IS_SPARSE:
+        if KV_BOUNDS:
+            n_full = f_hi - full_from
+            n_part = part_head + (t_hi - f_hi)
+            FULL_IDX = Q_IDX
+            PART_IDX = Q_IDX
+        elif IS_SPARSE:
             num_off = off_b * stride_nb + off_h * stride_nh + sp_col * stride_nn
             idx_off = b64 * stride_ib + h64 * stride_ih + sp_col.to(tl.int64) * stride_in
             n_full = tl.load(FULL_Q_NUM_BLKS + num_off) * SPARSE_Q_MULT
@@ -273,7 +290,7 @@ def _dkdv_program(
             FULL_IDX = Q_IDX
             PART_IDX = Q_IDX
         for it in range(0, n_full):
-            start_m = tile_start(FULL_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
+            start_m = walk_start(FULL_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE, KV_BOUNDS, n_full, full_from, 0)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
                 stride_qm, stride_dom, Q_LEN, scale,
@@ -282,7 +299,8 @@ def _dkdv_program(
                 EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
                 INPUT_PRECISION, FP32_OPERANDS)
         for it in range(0, n_part):
-            start_m = tile_start(PART_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE)
+            start_m = walk_start(PART_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE, KV_BOUNDS, part_head, part_from,
+                                 tail_from)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, qT_ptrs, do_ptrs, LSE_X_ROW, LSE_C_ROW, DELTA_ROW, start_m, offs_n, kv_ok, off_b, off_h,
                 stride_qm, stride_dom, Q_LEN, scale,
@@ -425,6 +443,7 @@ def _dq_program(
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, STATS_PASS: tl.constexpr,
     FULL_DELTA: tl.constexpr, EMPTY_NAN: tl.constexpr,
+    KV_BOUNDS: tl.constexpr, KV_LO: tl.constexpr, KV_HI: tl.constexpr,
 ):
     """dQ of q tile ``pid_m`` of query head ``off_h`` (or, with STATS_PASS, its row statistics)."""
     off_hkv = off_h // GQA_GROUP
@@ -459,7 +478,22 @@ def _dq_program(
     vT_ptrs = V_BASE + offs_dv[:, None] * stride_vd + offs_n0[None, :] * stride_vn
     K_DTYPE: tl.constexpr = K.dtype.element_ty
 
-    if IS_SPARSE:
+    full_from = 0  # KV_BOUNDS: as in _attn_fwd
+    part_head = 0
+    part_from = 0
+    tail_from = 0
+    if KV_BOUNDS:  # Note [closed-form bounds] in masks/bounds.py
+        t_lo, full_from, f_hi, t_hi = bounded_kv_walk(KV_LO, KV_HI, pid_m * BLOCK_M,
+                                                      tl.minimum(pid_m * BLOCK_M + BLOCK_M, Q_LEN) - 1, KV_LEN,
+                                                      BLOCK_N)
+        n_full = f_hi - full_from
+        part_head = full_from - t_lo
+        part_from = t_lo
+        tail_from = f_hi
+        n_part = part_head + (t_hi - f_hi)
+        FULL_IDX = KV_IDX
+        PART_IDX = KV_IDX
+    elif IS_SPARSE:
         sp_row = pid_m // SPARSE_Q_MULT
         num_off = off_b * stride_nb + off_h * stride_nh + sp_row * stride_nm
         idx_off = b64 * stride_ib + h64 * stride_ih + sp_row.to(tl.int64) * stride_im
@@ -487,14 +521,15 @@ def _dq_program(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         d_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for it in range(0, n_full):
-            start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+            start_n = walk_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE, KV_BOUNDS, n_full, full_from, 0)
             m_i, l_i, d_i = _attn_bwd_stats_inner(
                 m_i, l_i, d_i, q, do, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
                 stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES, SCORE_MOD, MASK_MOD, False,
                 EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                 INPUT_PRECISION, FP32_OPERANDS)
         for it in range(0, n_part):
-            start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+            start_n = walk_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE, KV_BOUNDS, part_head,
+                                 part_from, tail_from)
             m_i, l_i, d_i = _attn_bwd_stats_inner(
                 m_i, l_i, d_i, q, do, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
                 stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES, SCORE_MOD, MASK_MOD, HAS_MASK,
@@ -509,7 +544,7 @@ def _dq_program(
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for it in range(0, n_full):
-            start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+            start_n = walk_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE, KV_BOUNDS, n_full, full_from, 0)
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse_x, lse_c, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
                 stride_kn, stride_vn, KV_LEN, scale,
@@ -518,7 +553,8 @@ def _dq_program(
                 EVEN_N, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, K_DTYPE,
                 INPUT_PRECISION, FP32_OPERANDS)
         for it in range(0, n_part):
-            start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+            start_n = walk_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE, KV_BOUNDS, part_head,
+                                 part_from, tail_from)
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse_x, lse_c, delta, kT_ptrs, vT_ptrs, start_n, offs_m, q_ok, off_b, off_h,
                 stride_kn, stride_vn, KV_LEN, scale,
@@ -562,6 +598,7 @@ def _attn_bwd(
     DO_DQ: tl.constexpr, DQ_GRAD_MODE: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     SPARSE_Q_MULT2: tl.constexpr, SPARSE_KV_MULT2: tl.constexpr, EVEN_M2: tl.constexpr, EVEN_N2: tl.constexpr,
     STATS_PASS: tl.constexpr, FULL_DELTA: tl.constexpr, EMPTY_NAN: tl.constexpr,
+    KV_BOUNDS: tl.constexpr = False, KV_LO: tl.constexpr = None, KV_HI: tl.constexpr = None,
 ):
     """dK/dV programs and dQ programs in one grid (Note [one backward launch]).
 
@@ -586,7 +623,8 @@ def _attn_bwd(
                 HQ, Q_LEN, KV_LEN, scale,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
                 DKDV_GRAD_MODE, IS_SPARSE, GQA_GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV,
-                SPARSE_Q_MULT1, SPARSE_KV_MULT1, EVEN_M1, EVEN_N1, INPUT_PRECISION, FP32_OPERANDS, EMPTY_NAN)
+                SPARSE_Q_MULT1, SPARSE_KV_MULT1, EVEN_M1, EVEN_N1, INPUT_PRECISION, FP32_OPERANDS, EMPTY_NAN,
+                KV_BOUNDS, KV_LO, KV_HI)
     else:
         if DO_DQ:
             # heavy (late) q tiles first, as in the forward; the heads of the group side by side
@@ -604,4 +642,4 @@ def _attn_bwd(
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
                 DQ_GRAD_MODE, IS_SPARSE, GQA_GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M2, BLOCK_N2, BLOCK_D, BLOCK_DV,
                 SPARSE_Q_MULT2, SPARSE_KV_MULT2, EVEN_M2, EVEN_N2, INPUT_PRECISION, FP32_OPERANDS, STATS_PASS,
-                FULL_DELTA, EMPTY_NAN)
+                FULL_DELTA, EMPTY_NAN, KV_BOUNDS, KV_LO, KV_HI)

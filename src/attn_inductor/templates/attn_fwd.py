@@ -20,8 +20,10 @@ Notation
 
 Program: one (q tile, query head, batch).  It walks the FULL kv blocks of its q
 block (no mask code at all), then the PARTIAL ones (mask hook per entry); EMPTY
-blocks are never loaded.  Without a table (IS_SPARSE=False) every kv tile is
-visited, as FULL when there is no mask, as PARTIAL otherwise.  GQA/MQA: the kv
+blocks are never loaded.  Which ones: from the mask's closed-form bounds
+(KV_BOUNDS: the KV_LO / KV_HI hooks, Note [closed-form bounds] in
+masks/bounds.py), else from a table (IS_SPARSE), else every kv tile, as FULL
+when there is no mask, as PARTIAL otherwise.  GQA/MQA: the kv
 head is the query head // GQA_GROUP; K and V are never repeated.
 
 Note [fully masked rows]
@@ -104,6 +106,68 @@ def tile_start(IDX, it, SPARSE_MULT: tl.constexpr, BLOCK: tl.constexpr, IS_SPARS
 
 
 @triton.jit
+def walk_start(IDX, it, SPARSE_MULT: tl.constexpr, BLOCK: tl.constexpr, IS_SPARSE: tl.constexpr,
+               BOUNDED: tl.constexpr, n_head, head_from, tail_from):
+    """First index of the it-th tile of a walk: with BOUNDED (closed-form bounds) tiles head_from.. for the
+    first n_head steps, then tail_from..; else ``tile_start``."""
+    if BOUNDED:
+        return tl.where(it < n_head, head_from + it, tail_from + (it - n_head)) * BLOCK
+    else:
+        return tile_start(IDX, it, SPARSE_MULT, BLOCK, IS_SPARSE)
+
+
+@triton.jit
+def _clamped(x, hi):
+    return tl.minimum(tl.maximum(x, 0), hi).to(tl.int32)
+
+
+@triton.jit
+def bounded_kv_walk(KV_LO: tl.constexpr, KV_HI: tl.constexpr, m_first, m_last, KV_LEN, BLOCK_N: tl.constexpr):
+    """kv tiles (first, first FULL, end of FULL, end) of q rows [m_first, m_last] from the mask's closed-form
+    bounds: Note [closed-form bounds] in masks/bounds.py (``forward_walk`` there is the same arithmetic)."""
+    lo_first = _clamped(KV_LO(m_first), KV_LEN)
+    lo_last = _clamped(KV_LO(m_last), KV_LEN)
+    hi_first = _clamped(KV_HI(m_first), KV_LEN)
+    hi_last = _clamped(KV_HI(m_last), KV_LEN)
+    t_lo = lo_first // BLOCK_N
+    t_hi = tl.where(lo_first >= hi_last, t_lo, tl.maximum(tl.cdiv(hi_last, BLOCK_N), t_lo))
+    f_lo = tl.minimum(tl.maximum(tl.cdiv(lo_last, BLOCK_N), t_lo), t_hi)
+    f_hi = tl.where(hi_first >= KV_LEN, tl.cdiv(KV_LEN, BLOCK_N), hi_first // BLOCK_N)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
+    return t_lo, f_lo, f_hi, t_hi
+
+
+@triton.jit
+def _first_row_above(F: tl.constexpr, value, Q_LEN):
+    """The first q in [0, Q_LEN) with F(q) > value, else Q_LEN (F non-decreasing): binary search."""
+    lo = Q_LEN * 0
+    hi = Q_LEN + 0
+    for _ in range(0, 32):
+        mid = (lo + hi) // 2
+        active = lo < hi
+        above = F(mid) > value
+        hi = tl.where(active & above, mid, hi)
+        lo = tl.where(active & (above == 0), mid + 1, lo)
+    return lo
+
+
+@triton.jit
+def bounded_q_walk(KV_LO: tl.constexpr, KV_HI: tl.constexpr, n_first, n_last, Q_LEN, BLOCK_M: tl.constexpr):
+    """q tiles (first, first FULL, end of FULL, end) of kv columns [n_first, n_last] (the dK/dV walk):
+    Note [closed-form bounds] in masks/bounds.py (``backward_walk`` there is the same arithmetic)."""
+    first = _first_row_above(KV_HI, n_first, Q_LEN)      # rows before it end before n_first
+    end = _first_row_above(KV_LO, n_last, Q_LEN)         # rows from it start after n_last
+    full_from = _first_row_above(KV_HI, n_last, Q_LEN)   # rows from it reach past n_last
+    full_to = _first_row_above(KV_LO, n_first, Q_LEN)    # rows before it start at or before n_first
+    t_lo = first // BLOCK_M
+    t_hi = tl.where(first >= end, t_lo, tl.maximum(tl.cdiv(end, BLOCK_M), t_lo))
+    f_lo = tl.minimum(tl.maximum(tl.cdiv(full_from, BLOCK_M), t_lo), t_hi)
+    f_hi = tl.where(full_to >= Q_LEN, tl.cdiv(Q_LEN, BLOCK_M), full_to // BLOCK_M)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
+    return t_lo, f_lo, f_hi, t_hi
+
+
+@triton.jit
 def mask_scores(x, keep, bounds, APPLY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr):
     """-inf where the mask hook (PARTIAL tiles) or the sequence bounds say so."""
     if APPLY_MASK:
@@ -182,6 +246,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, EMPTY_NAN: tl.constexpr = False,
+    KV_BOUNDS: tl.constexpr = False, KV_LO: tl.constexpr = None, KV_HI: tl.constexpr = None,
 ):
     # last q tiles first: under causal-like masks they visit the most kv tiles (shorter tail)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -208,7 +273,22 @@ def _attn_fwd(
     v_ptrs = V_BASE + offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
 
     # which kv tiles to visit: FULL ones without the mask, PARTIAL ones with it
-    if IS_SPARSE:
+    full_from = 0  # KV_BOUNDS: the FULL tiles' first; the PARTIAL walk's head (count, first) and tail's first
+    part_head = 0
+    part_from = 0
+    tail_from = 0
+    if KV_BOUNDS:  # Note [closed-form bounds] in masks/bounds.py: no tables
+        t_lo, full_from, f_hi, t_hi = bounded_kv_walk(KV_LO, KV_HI, pid_m * BLOCK_M,
+                                                      tl.minimum(pid_m * BLOCK_M + BLOCK_M, Q_LEN) - 1, KV_LEN,
+                                                      BLOCK_N)
+        n_full = f_hi - full_from
+        part_head = full_from - t_lo
+        part_from = t_lo
+        tail_from = f_hi
+        n_part = part_head + (t_hi - f_hi)
+        FULL_IDX = KV_IDX
+        PART_IDX = KV_IDX
+    elif IS_SPARSE:
         sp_row = pid_m // SPARSE_Q_MULT
         num_off = off_b * stride_nb + off_h * stride_nh + sp_row * stride_nm
         idx_off = off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + sp_row.to(tl.int64) * stride_im
@@ -234,14 +314,15 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for it in range(0, n_full):
-        start_n = tile_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+        start_n = walk_start(FULL_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE, KV_BOUNDS, n_full, full_from, 0)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, q_ok, off_b, off_h,
             stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES,
             SCORE_MOD, MASK_MOD, HAS_SCORE_MOD, False, EVEN_N, EVEN_D, EVEN_DV,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, P_DTYPE, INPUT_PRECISION, FP32_OPERANDS)
     for it in range(0, n_part):
-        start_n = tile_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE)
+        start_n = walk_start(PART_IDX, it, SPARSE_KV_MULT, BLOCK_N, IS_SPARSE, KV_BOUNDS, part_head, part_from,
+                             tail_from)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, q_ok, off_b, off_h,
             stride_kn, stride_vn, KV_LEN, scale, CAPTURED, STRIDES,

@@ -66,7 +66,7 @@ __all__ = ["CapturedMeta", "IndexBounds", "Hooks", "UnsupportedHook", "captured_
            "render_hooks", "hook_cache_dir"]
 
 # The generated module's layout version: bump when the printed shape of hooks changes.
-_FORMAT = 1
+_FORMAT = 2
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
@@ -545,6 +545,7 @@ class _Rendered:
     has_captured_grad: bool
     grad_loads: tuple[int, ...]  # per captured tensor: how many loads contribute to its gradient
     has_loads: bool  # the score or mask reads a captured tensor
+    kv_bounds: str | None = None  # the mask's closed-form bounds (masks/bounds.py), rendered as kv_lo / kv_hi
 
 
 def _function(name: str, sig: str, body: list[str], doc: str) -> str:
@@ -586,7 +587,12 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
     has_mask = mask is not None and not E.is_const(mask, True)
     has_score_mod = score != E.score
 
+    from ..masks.bounds import kv_interval
+
+    interval = kv_interval(mask) if has_mask else None
     exprs = [score] + ([mask] if mask is not None else [])
+    if interval is not None:
+        exprs += [interval.lo, interval.hi]
     grads: list[tuple[Load, Expr]] = []
     score_grad = None
     if backward:
@@ -619,6 +625,11 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
     else:
         body = _value_body(mask, p, I1, False)
     parts.append(_function("mask_mod", _SIG_MASK, body, "True where the entry takes part"))
+    if interval is not None:  # Note [closed-form bounds] in masks/bounds.py
+        for name, e, doc in (("kv_lo", interval.lo, "first kv index row q_idx attends (int64)"),
+                             ("kv_hi", interval.hi, "one past its last (int64)")):
+            p = printer()
+            parts.append(_function(name, "(q_idx)", _value_body(e, p, I64, False), doc))
 
     has_score_grad = False
     if backward:
@@ -667,7 +678,7 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
         grad_loads = [0] * len(metas)
     has_loads = bool(E.loads(score)) or (mask is not None and bool(E.loads(mask)))
     return _Rendered("\n\n".join(parts), has_score_mod, has_mask, has_score_grad, bool(grads), tuple(grad_loads),
-                     has_loads)
+                     has_loads, interval.describe() if interval is not None else None)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -690,6 +701,9 @@ class Hooks:
     has_captured_grad: bool
     grad_loads: tuple[int, ...] = field(default=())
     has_loads: bool = False
+    kv_lo: object | None = None  # closed-form bounds of the mask (Note [closed-form bounds] in masks/bounds.py)
+    kv_hi: object | None = None
+    kv_bounds: str | None = None
 
     @property
     def heavy(self) -> bool:
@@ -767,7 +781,8 @@ def render_hooks(score: Expr, mask: Expr | None, captured_meta: Sequence[Capture
             hooks = Hooks(key, path, rendered.source, module.score_mod, module.mask_mod,
                           getattr(module, "score_mod_grad", None), getattr(module, "captured_grad", None),
                           rendered.has_score_mod, rendered.has_mask, rendered.has_score_grad,
-                          rendered.has_captured_grad, rendered.grad_loads, rendered.has_loads)
+                          rendered.has_captured_grad, rendered.grad_loads, rendered.has_loads,
+                          getattr(module, "kv_lo", None), getattr(module, "kv_hi", None), rendered.kv_bounds)
             _by_key[(key, interpret)] = hooks
         _by_request[request] = hooks
     return hooks

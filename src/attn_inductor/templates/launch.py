@@ -285,7 +285,17 @@ _PLANS_MAX = 256
 
 def _policy_key(dtype: torch.dtype, env: str) -> tuple:
     tf32 = dtype == torch.float32 and _compat.fp32_matmul_allows_tf32()
-    return os.environ.get(env), _compat.triton_interpret_enabled(), tf32
+    return os.environ.get(env), os.environ.get(SPARSITY_ENV), _compat.triton_interpret_enabled(), tf32
+
+
+# Note [closed-form bounds] in masks/bounds.py: masks with closed-form kv bounds walk their tiles from
+# them, and the sparsity tables passed in are not read; ``ATTN_INDUCTOR_SPARSITY=tables`` reads the
+# tables instead (A/B measurements, or a way around a problem with the bounds).
+SPARSITY_ENV = "ATTN_INDUCTOR_SPARSITY"
+
+
+def uses_kv_bounds(hooks) -> bool:
+    return hooks.kv_lo is not None and os.environ.get(SPARSITY_ENV, "auto") != "tables"
 
 
 def _captured_key(captured) -> tuple:
@@ -328,10 +338,11 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     if plan is None:
         plan = _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows)
         _plan_put(plan_key, refs, plan)
-    hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, kept = plan
+    hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, kept, sparsity = plan
     static_site = q.device.type == "cuda"  # Note [static launches]
     if sparsity is None:
         tables = (lse, lse, lse, lse)  # unused placeholders
+    bound_fns = _bound_fns(hooks, meta["KV_BOUNDS"])
     cap_ptrs = _captured_args(captured)[0]
     if row_select is not None:
         if row_select.shape != (batch, hq, q_len):
@@ -348,7 +359,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *rs_strides,
                 *num_strides, *idx_strides, q_len, kv_len, float(scale))
         kwargs = dict(
-            SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, **meta,
+            SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, **meta, **bound_fns,
             BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult,
             EVEN_M=q_len % block_m == 0, EVEN_N=kv_len % (block_n * kv_mult) == 0,
             num_warps=c.num_warps, num_stages=c.num_stages)
@@ -365,6 +376,9 @@ def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_selec
         _check_sparsity(sparsity, q, k)
     _check_captured(captured, q.device)
     hooks = _hooks(score, mask, captured, None, q, k, backward=False)
+    bounded = uses_kv_bounds(hooks)
+    if bounded:
+        sparsity = None
     cfg = configs.forward_config(max(d, dv), q.dtype, q.device, heavy=hooks.heavy)
     placeholder = torch.empty(0, device=q.device)
     tables, num_strides, idx_strides = _table_args(sparsity, placeholder, forward=True)
@@ -374,9 +388,17 @@ def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_selec
         HAS_ROW_SELECT=row_select is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv,
         BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
         INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
-        EMPTY_NAN=empty_rows == "nan")
+        EMPTY_NAN=empty_rows == "nan", KV_BOUNDS=bounded)
     key = _fit_key("fwd", hooks, cfg=cfg, dtype=q.dtype, device=str(q.device), **meta)
-    return hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, {}
+    return hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, {}, sparsity
+
+
+def _bound_fns(hooks, bounded: bool) -> dict:
+    """KV_LO / KV_HI for the kernels; without bounds a stand-in (never called) keeps direct launches
+    possible, which need every constexpr passed (Note [static launches])."""
+    if bounded:
+        return dict(KV_LO=hooks.kv_lo, KV_HI=hooks.kv_hi)
+    return dict(KV_LO=hooks.mask_mod, KV_HI=hooks.mask_mod)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -454,7 +476,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         plan = _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic)
         _plan_put(plan_key, refs, plan)
     (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
-     mode_dkdv, mode_dq, pre_block, kept) = plan
+     mode_dkdv, mode_dq, pre_block, kept, sparsity) = plan
     static_site = device.type == "cuda"  # Note [static launches]
     any_grad = any(grad_needs)
 
@@ -540,6 +562,9 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
     _check_captured(captured, device)
     float_needs = [n and t.is_floating_point() for t, n in zip(captured, needs)]
     hooks = _hooks(score, mask, captured, float_needs, q, k, backward=True)
+    bounded = uses_kv_bounds(hooks)
+    if bounded:
+        sparsity = None
     grad_needs = tuple(n and hooks.grad_loads[i] > 0 for i, n in enumerate(float_needs))
     any_grad = any(grad_needs)
     cfg = configs.backward_config(max(d, dv_dim), q.dtype, device, heavy=hooks.heavy)
@@ -551,9 +576,10 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
         HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, HAS_SCORE_GRAD=hooks.has_score_grad,
         IS_SPARSE=sparsity is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv_dim,
         BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv_dim),
-        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands())
+        INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
+        KV_BOUNDS=bounded)
     fns = dict(SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, SCORE_MOD_GRAD=hooks.score_mod_grad,
-               CAPTURED_GRAD=hooks.captured_grad)
+               CAPTURED_GRAD=hooks.captured_grad, **_bound_fns(hooks, bounded))
     fit = dict(cfg=cfg, dtype=q.dtype, device=str(device), **meta)
     placeholder = torch.empty(0, device=device)
     fwd_table_args = _table_args(sparsity, placeholder, forward=True)
@@ -562,4 +588,4 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         pre_block = configs.INTERPRETER_BLOCK
     return (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
-            mode_dkdv, mode_dq, pre_block, {})
+            mode_dkdv, mode_dq, pre_block, {}, sparsity)
