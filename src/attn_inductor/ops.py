@@ -17,6 +17,7 @@ rows]); ``dcaptured[i]`` is an empty tensor where no gradient was asked for.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Sequence
 
@@ -35,7 +36,9 @@ def default_config(**overrides) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
+@functools.lru_cache(maxsize=64)
 def _parse_config(config: str) -> dict:
+    """Parsed once per distinct string (every call passes the same few); callers only read it."""
     return json.loads(config) if config else {}
 
 

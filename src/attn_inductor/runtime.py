@@ -26,9 +26,10 @@ tensor that needs grad is NaN at the entries the row's ``score_full`` loads
 (evaluated over all keys).  That last step needs the dead rows on the host, so
 it syncs, only when such a captured gradient is requested.
 
-Sparsity: always a ``BlockSparsity`` built with ``impl.preferred_blocks`` —
-dense FULL without a predicate, else ``get_block_sparsity`` (dense PARTIAL
-until the masks package provides it).  What it does not do: dropout.
+Sparsity: None when the implementation walks the mask's closed-form bounds
+(``impl.walks_bounds``, Note [closed-form bounds] in masks/bounds.py), else a
+``BlockSparsity`` built with ``impl.preferred_blocks`` — dense FULL without a
+predicate, else ``get_block_sparsity``.  What it does not do: dropout.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def block_sparsity_for(pred: Expr | None, q, k, captured, block_m: int, block_n:
                               block_m=block_m, block_n=block_n, device=q.device)
 
 
-def _sparsity(impl, pred, q, k, v, captured, backward: bool) -> BlockSparsity:
+def _sparsity(impl, pred, q, k, v, captured, backward: bool) -> BlockSparsity | None:
+    walks_bounds = getattr(impl, "walks_bounds", None)
+    if walks_bounds is not None and walks_bounds(pred):  # Note [closed-form bounds]: no tables to build
+        return None
     block_m, block_n = impl.preferred_blocks(q, k, v, backward=backward)
     return block_sparsity_for(pred, q, k, captured, block_m, block_n)
 

@@ -298,6 +298,18 @@ def uses_kv_bounds(hooks) -> bool:
     return hooks.kv_lo is not None and os.environ.get(SPARSITY_ENV, "auto") != "tables"
 
 
+def walks_bounds(pred: Expr | None) -> bool:
+    """Will the kernels walk ``pred``'s closed-form bounds?  Then callers need not build tables."""
+    return pred is not None and os.environ.get(SPARSITY_ENV, "auto") != "tables" and _kv_interval(pred) is not None
+
+
+@functools.lru_cache(maxsize=512)
+def _kv_interval(pred: Expr):
+    from ..masks.bounds import kv_interval
+
+    return kv_interval(pred)
+
+
 def _captured_key(captured) -> tuple:
     return tuple((t.shape, t.stride(), t.dtype, t.device) for t in captured)
 
