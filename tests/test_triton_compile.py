@@ -181,6 +181,12 @@ def test_softcap_row_select_gqa(sm90):
     _run(sm90, E.call("mul", t, E.const(30.0, F32), dtype=F32), _causal(), h=4, hkv=1, row_select=True)
     # bf16 inputs: the hardware tanh (Note [fast transcendentals] in hook_lib)
     assert all("tanh.approx.f32" in kernel.asm["ptx"] for name, kernel in sm90 if name != "_attn_bwd_preprocess")
+    # and s / 30 as a product with the fp32 reciprocal of 30 (no per-score division); fp32 inputs keep "/"
+    from attn_inductor.templates.hooks import render_source
+
+    fast = render_source(E.call("mul", t, E.const(30.0, F32), dtype=F32), _causal(), (), fast_math=True).source
+    exact = render_source(E.call("mul", t, E.const(30.0, F32), dtype=F32), _causal(), ()).source
+    assert "(score * 0.03333333507180214)" in fast and "/ 30.0" not in fast and "(score / 30.0)" in exact
 
 
 def test_document_mask_fp16_d64(sm90):

@@ -484,6 +484,12 @@ class _Printer:
         if op == "truediv":
             if not is_float:
                 raise UnsupportedHook("integer-typed truediv")
+            if self.fast_math and ct == F32 and isinstance(b, Const) and math.isfinite(float(b.value)) \
+                    and float(b.value) != 0.0:
+                # Note [fast transcendentals] in hook_lib: x / c as x * (1/c), within 1.5 ulp; fp32 division
+                # is a reciprocal on the MUFU plus a Newton step and a slow-path check per element
+                recip = float(torch.tensor(1.0 / float(b.value), dtype=torch.float32))
+                return self.finish(e, f"({av} * {_fmt_float(recip)})", ct)
             return self.finish(e, f"({av} / {bv})", ct)
         if op in ("floordiv", "remainder"):
             fn = f"lib.{op}_{'float' if is_float else 'int'}"
