@@ -171,8 +171,16 @@ def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, heav
     return cfg
 
 
-def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, heavy: bool = False) -> BwdConfig:
-    """``heavy``: score gradient or captured gradients or gathers (Note [heavy hooks])."""
+# Hopper, D=64, 16-bit, no score mod: 128 x 128 tiles in both backward programs (H200, B=4 H=32 S=4096,
+# ours/Flex fwd+bwd: full 0.88 -> 0.975, causal 1.013 -> 1.027, document 0.989 -> 1.107, sliding even);
+# with a score mod they lose (ALiBi 0.986 -> 0.936, softcap 2.05 -> 1.38): benchmarks/results/h200_sweep_d64_*.
+_BWD_D64_PLAIN = BwdConfig(128, 128, 128, 128, 8, 2)
+
+
+def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, heavy: bool = False,
+                    score_mod: bool = False) -> BwdConfig:
+    """``heavy``: score gradient or captured gradients or gathers (Note [heavy hooks]); ``score_mod``:
+    the score is modified (ALiBi, softcap, biases)."""
     env = _env_ints("ATTN_INDUCTOR_BWD_CONFIG", 6)
     if env is not None:
         return BwdConfig(*env)
@@ -180,6 +188,8 @@ def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, hea
         b = INTERPRETER_BLOCK
         return BwdConfig(b, b, b, b, 1, 1)
     cap = _capability(device)
+    if cap == 9 and head_block(head_dim) == 64 and dtype in (torch.bfloat16, torch.float16) and not score_mod:
+        return _BWD_D64_PLAIN
     cfg = _lookup(_BWD[cap], head_dim, dtype)
     # On Hopper with 16-bit inputs the full-size tiles win even with heavy hooks (H200, B=2 H=16 S=8192
     # D=128: ALiBi 7.29 -> 6.05 ms, relbias 19.8 -> 17.0, document 3.29 -> 2.76, softcap 11.3 -> 10.3;

@@ -80,6 +80,12 @@ def _check(q, k, v, gqa_group: int) -> None:
         raise RuntimeError("the Triton kernels take CPU tensors only under TRITON_INTERPRET=1 (set before import)")
 
 
+def _dims(q, k, v) -> tuple:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        _check(q, k, v, 1)  # raises the full message
+    return tuple(q.shape)
+
+
 def _check_captured(captured, device) -> None:
     for i, t in enumerate(captured):
         if t.device != device:
@@ -204,14 +210,19 @@ def _launch(kernel, key: tuple, attempts: list, launch_one) -> None:
 _static_form: dict = {"form": None}  # "all" (constexprs passed), "runtime" (not), or "off"
 
 
-def _tensor_alignment(args) -> tuple:
-    bits = []
-    for a in args:
+def _tensor_positions(args) -> tuple:
+    """Where the tensors sit in a launch's arguments: (index, None) or (index, index within a tuple)."""
+    out = []
+    for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
-            bits.append(a.data_ptr() % 16 == 0)
+            out.append((i, None))
         elif isinstance(a, tuple):
-            bits.extend(t.data_ptr() % 16 == 0 for t in a if isinstance(t, torch.Tensor))
-    return tuple(bits)
+            out.extend((i, j) for j, t in enumerate(a) if isinstance(t, torch.Tensor))
+    return tuple(out)
+
+
+def _tensor_alignment(args, positions) -> tuple:
+    return tuple((args[i] if j is None else args[i][j]).data_ptr() % 16 == 0 for i, j in positions)
 
 
 def _run_kernel(kernel, grid, args: tuple, kwargs: dict, site) -> None:
@@ -226,7 +237,10 @@ def _run_kernel(kernel, grid, args: tuple, kwargs: dict, site) -> None:
         kernel[grid](*args, **kwargs)
         return
     kept, local = site
-    skey = (local, _tensor_alignment(args))
+    positions = kept.get(("positions", local))  # the argument layout is fixed per plan and site
+    if positions is None:
+        positions = kept[("positions", local)] = _tensor_positions(args)
+    skey = (local, _tensor_alignment(args, positions))
     hit = kept.get(skey)
     if hit is not None:
         compiled, tail = hit
@@ -335,8 +349,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     """Softmax over entries passing ``mask`` of ``score`` (see cpu.core_forward); -> (out, lse)."""
     from .attn_fwd import _attn_fwd
 
-    _check(q, k, v, gqa_group)
-    batch, hq, q_len, d = q.shape
+    batch, hq, q_len, d = _dims(q, k, v)
     kv_len, dv = k.shape[2], v.shape[3]
     out = torch.empty(batch, hq, q_len, dv, dtype=v.dtype, device=q.device)
     lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)
@@ -344,10 +357,11 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         return out, lse
     refs = (score, mask, sparsity)
     plan_key = ("fwd", id(score), id(mask), id(sparsity), q.shape, q.stride(), k.shape, k.stride(), v.shape,
-                v.stride(), q.dtype, q.device, _captured_key(captured), row_select is not None, empty_rows, gqa_group,
-                _policy_key(q.dtype, "ATTN_INDUCTOR_FWD_CONFIG"))
+                v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, _captured_key(captured),
+                row_select is not None, empty_rows, gqa_group, _policy_key(q.dtype, "ATTN_INDUCTOR_FWD_CONFIG"))
     plan = _plan_get(plan_key, refs)  # Note [launch plans]
     if plan is None:
+        _check(q, k, v, gqa_group)  # the key holds everything it looks at
         plan = _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows)
         _plan_put(plan_key, refs, plan)
     hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, kept, sparsity = plan
@@ -462,8 +476,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     """
     from .attn_bwd import _attn_bwd, _attn_bwd_preprocess
 
-    _check(q, k, v, gqa_group)
-    batch, hq, q_len, d = q.shape
+    batch, hq, q_len, d = _dims(q, k, v)
     hkv, kv_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     device = q.device
     grad_out = grad_out.to(v.dtype)
@@ -480,11 +493,12 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         return dq.zero_(), dk.zero_(), dv.zero_(), dcap
     refs = (score, mask, sparsity)
     plan_key = ("bwd", id(score), id(mask), id(sparsity), q.shape, q.stride(), k.shape, k.stride(), v.shape,
-                v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, device, _captured_key(captured),
-                tuple(needs), gqa_group, bool(deterministic), empty_rows,
+                v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, k.dtype, v.dtype, device,
+                k.device, v.device, _captured_key(captured), tuple(needs), gqa_group, bool(deterministic), empty_rows,
                 _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
     plan = _plan_get(plan_key, refs)  # Note [launch plans]
     if plan is None:
+        _check(q, k, v, gqa_group)  # the key holds everything it looks at
         plan = _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic)
         _plan_put(plan_key, refs, plan)
     (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
@@ -579,7 +593,8 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
         sparsity = None
     grad_needs = tuple(n and hooks.grad_loads[i] > 0 for i, n in enumerate(float_needs))
     any_grad = any(grad_needs)
-    cfg = configs.backward_config(max(d, dv_dim), q.dtype, device, heavy=hooks.heavy)
+    cfg = configs.backward_config(max(d, dv_dim), q.dtype, device, heavy=hooks.heavy,
+                                  score_mod=hooks.has_score_mod)
     cap_strides = _captured_args(captured)[1]
     grad_strides = tuple(int(s) for t in captured for s in torch.empty(t.shape, device="meta").stride())
     mode_dkdv = 2 if (any_grad and deterministic) else 0
