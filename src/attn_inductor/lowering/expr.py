@@ -23,6 +23,7 @@ extractor.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -503,11 +504,18 @@ def uses_score(expr: Expr) -> bool:
 
 
 def loads(expr: Expr) -> list[Load]:
+    """The distinct loads of ``expr`` in walk order (a fresh list; the walk is cached per expression:
+    the runtime asks on every call)."""
+    return list(_loads(expr))
+
+
+@functools.lru_cache(maxsize=1024)
+def _loads(expr: Expr) -> tuple[Load, ...]:
     seen: dict[Load, None] = {}
     for e in expr.walk():
         if isinstance(e, Load):
             seen[e] = None
-    return list(seen)
+    return tuple(seen)
 
 
 def substitute(expr: Expr, mapping: Mapping[Expr, Expr]) -> Expr:

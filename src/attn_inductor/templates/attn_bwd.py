@@ -84,10 +84,11 @@ Note [dead rows in the backward]
     With EMPTY_NAN (a hard mask and eager's policy, runtime.py) the kernels also
     give what autograd through eager's graph gives for such a row: its dq is
     NaN, and dK/dV of the whole (batch, kv head) are NaN, since every key gets
-    P * dO and dS * q from the NaN row.  The preprocess kernel flags each
-    (batch, kv head) that has a dead row (DEAD, int32 [B, Hkv]) before the
-    dK/dV programs read it; this replaces three full passes over dq, dk, dv on
-    the host.
+    P * dO and dS * q from the NaN row.  Each preprocess program writes whether
+    its (batch, query head, q tile) has a dead row (DEAD, int32 [B, HQ,
+    cdiv(Q_LEN, PRE_BLOCK)], every entry written: no zero fill, no atomics)
+    before the launch whose dK/dV programs reduce the flags of their group's
+    query heads; this replaces three full passes over dq, dk, dv on the host.
 """
 
 from __future__ import annotations
@@ -131,9 +132,9 @@ def _attn_bwd_preprocess(
     row = (b64 * HQ + h64) * Q_LEN
     tl.store(DELTA + row + offs_m, delta, mask=q_ok)
     tl.store(LSE_X + row + offs_m, lse_x, mask=q_ok)
-    if EMPTY_NAN:  # Note [dead rows in the backward]: flag the (batch, kv head) a dead row reaches
+    if EMPTY_NAN:  # Note [dead rows in the backward]: flag this (batch, query head, q tile) if a row is dead
         dead = tl.max((q_ok & (lse == float("-inf"))).to(tl.int32), 0)
-        tl.atomic_max(DEAD + b64 * (HQ // GQA_GROUP) + h64 // GQA_GROUP, dead)
+        tl.store(DEAD + (b64 * HQ + h64) * tl.num_programs(0) + pid_m, dead)
 
 
 # ----------------------------------------------------------------------------- dK / dV
@@ -226,7 +227,7 @@ def _dkdv_program(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, EMPTY_NAN: tl.constexpr,
-    KV_BOUNDS: tl.constexpr, KV_LO: tl.constexpr, KV_HI: tl.constexpr,
+    KV_BOUNDS: tl.constexpr, KV_LO: tl.constexpr, KV_HI: tl.constexpr, PRE_BLOCK: tl.constexpr,
 ):
     """dK and dV of kv tile ``pid_n`` of kv head ``off_hkv``, over every query head of its group."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -310,8 +311,14 @@ def _dkdv_program(
                 INPUT_PRECISION, FP32_OPERANDS)
 
     dk = dk * scale
-    if EMPTY_NAN:  # Note [dead rows in the backward]
-        poisoned = tl.load(DEAD + b64 * (HQ // GQA_GROUP) + off_hkv) > 0
+    if EMPTY_NAN:  # Note [dead rows in the backward]: any flag of the group's query heads
+        n_flags = GQA_GROUP * tl.cdiv(Q_LEN, PRE_BLOCK)
+        FLAGS = DEAD + (b64 * HQ + off_hkv * GQA_GROUP) * tl.cdiv(Q_LEN, PRE_BLOCK)
+        seen = tl.zeros([256], dtype=tl.int32)
+        for f0 in range(0, n_flags, 256):
+            offs_f = f0 + tl.arange(0, 256)
+            seen = tl.maximum(seen, tl.load(FLAGS + offs_f, mask=offs_f < n_flags, other=0))
+        poisoned = tl.max(seen, 0) > 0
         dk = tl.where(poisoned, float("nan"), dk)
         dv = tl.where(poisoned, float("nan"), dv)
     DK_BASE = DK + b64 * stride_dkb + off_hkv.to(tl.int64) * stride_dkh
@@ -599,6 +606,7 @@ def _attn_bwd(
     SPARSE_Q_MULT2: tl.constexpr, SPARSE_KV_MULT2: tl.constexpr, EVEN_M2: tl.constexpr, EVEN_N2: tl.constexpr,
     STATS_PASS: tl.constexpr, FULL_DELTA: tl.constexpr, EMPTY_NAN: tl.constexpr,
     KV_BOUNDS: tl.constexpr = False, KV_LO: tl.constexpr = None, KV_HI: tl.constexpr = None,
+    PRE_BLOCK: tl.constexpr = 64,
 ):
     """dK/dV programs and dQ programs in one grid (Note [one backward launch]).
 
@@ -624,7 +632,7 @@ def _attn_bwd(
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
                 DKDV_GRAD_MODE, IS_SPARSE, GQA_GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV,
                 SPARSE_Q_MULT1, SPARSE_KV_MULT1, EVEN_M1, EVEN_N1, INPUT_PRECISION, FP32_OPERANDS, EMPTY_NAN,
-                KV_BOUNDS, KV_LO, KV_HI)
+                KV_BOUNDS, KV_LO, KV_HI, PRE_BLOCK)
     else:
         if DO_DQ:
             # heavy (late) q tiles first, as in the forward; the heads of the group side by side

@@ -511,7 +511,9 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     lse_x = torch.empty_like(delta)
     lse_c = torch.zeros_like(delta) if hooks.has_score_mod else delta  # Note [absorbed rows] in attn_bwd.py
     empty_nan = empty_rows == "nan"
-    dead = torch.zeros(batch, hkv, dtype=torch.int32, device=device) if empty_nan else delta
+    # Note [dead rows in the backward]: one flag per (batch, query head, preprocess tile), all written
+    dead = torch.empty(batch, hq, triton_cdiv(q_len, pre_block), dtype=torch.int32, device=device) if empty_nan \
+        else delta
     _run_kernel(_attn_bwd_preprocess, (triton_cdiv(q_len, pre_block), hq, batch),
                 (out, grad_out, lse, delta, lse_x, dead, *out.stride(), *grad_out.stride(), *lse.stride(), hq,
                  q_len),
@@ -550,7 +552,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
             DO_DQ=do_dq, DQ_GRAD_MODE=0 if stats_pass else mode_dq, BLOCK_M2=block_m2, BLOCK_N2=block_n2,
             SPARSE_Q_MULT2=q_mult2, SPARSE_KV_MULT2=kv_mult2, EVEN_M2=q_len % block_m2 == 0,
             EVEN_N2=kv_len % (block_n2 * kv_mult2) == 0, STATS_PASS=stats_pass, FULL_DELTA=any_grad,
-            EMPTY_NAN=empty_nan, num_warps=c.num_warps, num_stages=c.num_stages)
+            EMPTY_NAN=empty_nan, PRE_BLOCK=pre_block, num_warps=c.num_warps, num_stages=c.num_stages)
         _run_kernel(_attn_bwd, (programs, hkv, batch), args, kwargs,
                     (kept, (do_dkdv, do_dq, stats_pass, c)) if static_site else None)
 
