@@ -126,8 +126,9 @@ def main(argv=None):
                     q.grad = k.grad = v.grad = None
                     ours(q, k, v).backward(g)
                 torch.cuda.synchronize()
-            print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile_rows, max_name_column_width=70),
-                  flush=True)
+            table = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile_rows,
+                                            max_name_column_width=70)
+            print(table, flush=True)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(200):
