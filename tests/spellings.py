@@ -395,9 +395,47 @@ def render_markdown() -> str:
                 lines.append(f"| {c.name} | {c.refuse} |")
             else:
                 dts = ", ".join(str(d).replace("torch.", "") for d in c.dtypes)
-                lines.append(f"| {c.name} | `{c.score}` | `{c.mask}` | {dts} |")
+                score, mask = (x.replace("|", "\\|") for x in (c.score, c.mask))  # pipes would end the cell
+                lines.append(f"| {c.name} | `{score}` | `{mask}` | {dts} |")
         lines.append("")
+    lines += _walk_section()
     return "\n".join(lines)
+
+
+def _walk_section() -> list[str]:
+    """Which recovered masks the Triton kernels walk by closed-form bounds (masks/bounds.py), which by tables."""
+    from attn_inductor.lowering import expr as E
+    from attn_inductor.masks.bounds import kv_interval
+
+    i64, b = E.INT64, E.BOOL
+    q, kv = E.q_idx, E.kv_idx
+    c = lambda v: E.const(v, i64)  # noqa: E731
+    causal = E.call("ge", q, kv, dtype=b)
+    masks = [
+        causal,
+        E.call("le", E.call("sub", kv, q, dtype=i64), c(0), dtype=b),
+        E.call("ge", E.call("add", q, c(37), dtype=i64), kv, dtype=b),
+        E.call("and", causal, E.call("lt", E.call("sub", q, kv, dtype=i64), c(5), dtype=b), dtype=b),
+        E.call("le", E.call("abs", E.call("sub", q, kv, dtype=i64), dtype=i64), c(3), dtype=b),
+        E.call("or", E.call("lt", kv, c(6), dtype=b), causal, dtype=b),
+        E.call("eq", E.call("floordiv", q, c(8), dtype=i64), E.call("floordiv", kv, c(8), dtype=i64), dtype=b),
+        E.call("and", causal, E.call("eq", E.Load(0, (q,), i64), E.Load(0, (kv,), i64), dtype=b), dtype=b),
+        E.call("and", causal, E.Load(0, (E.b, kv), b), dtype=b),
+        E.call("ne", q, kv, dtype=b),
+    ]
+    lines = ["## Tile walk in the Triton kernels", "",
+             "Masks over `q_idx`/`kv_idx` alone that `masks/bounds.py` proves equal to `lo(q) <= kv_idx < hi(q)` "
+             "(non-decreasing bounds) run with no sparsity tables: each program computes its tiles from the bounds "
+             "(Note [closed-form bounds]). The others use block-sparsity tables (interval analysis, or exact "
+             "evaluation of the tensors they read).", "",
+             "| mask | walk |", "|---|---|"]
+    for m in masks:
+        iv = kv_interval(m)
+        walk = f"bounds `{iv.describe()}`" if iv is not None else "tables"
+        cell = E.format_expr(m).replace("|", "\\|")  # a pipe would end the table cell
+        lines.append(f"| `{cell}` | {walk} |")
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":
