@@ -553,6 +553,7 @@ def _check_bounds(pred, q_len, kv_len, block_m, block_n, exact=True):
     (prefix_lm(6), "0 <= kv_idx < max(6, q_idx + 1)"),
     (chunked(8), "q_idx // 8 * 8 <= kv_idx < (q_idx // 8 + 1) * 8"),
     (call("ge", kv, q), "q_idx <= kv_idx < 1073741824"),                         # anti-causal
+    (call("le", call("to", kv, dtype=E.INT32), call("to", q, dtype=E.INT32)), "0 <= kv_idx < q_idx + 1"),
 ])
 def test_closed_form_bounds_recognised(pred, expected):
     iv = kvb.kv_interval(pred)
@@ -567,6 +568,8 @@ def test_closed_form_bounds_recognised(pred, expected):
     (call("and", CAUSAL, call("lt", h, c(2))), "depends on the head"),
     (same_document(), "reads a tensor"),
     (call("or", call("lt", kv, c(3)), call("ge", kv, q)), "a union with a gap"),
+    (call("lt", call("to", kv, dtype="uint8"), c(10, "uint8")), "uint8 wraps every 256 keys"),
+    (call("le", kv, call("to", q, dtype="int8")), "an int8 bound wraps"),
 ])
 def test_closed_form_bounds_refused(pred, why):
     assert kvb.kv_interval(pred) is None, why

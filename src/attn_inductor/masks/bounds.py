@@ -89,6 +89,12 @@ def _as_i64(e: Expr) -> Expr:
     return E.call("to", e, dtype=I64) if e.dtype != I64 else e
 
 
+def _widening(e: Expr) -> bool:
+    """A cast between int32 and int64: value-preserving for index arithmetic (indices < 2^24, see
+    hooks.IndexBounds).  Narrower casts wrap (``kv_idx.to(uint8)`` repeats every 256) and stop the rewrite."""
+    return isinstance(e, Call) and e.op == "to" and e.dtype in (E.INT32, I64) and e.args[0].dtype in (E.INT32, I64)
+
+
 def _kv_free(e: Expr) -> bool:
     return E.free_symbols(e) <= {"q_idx"} and not E.uses_score(e) and not E.loads(e)
 
@@ -108,7 +114,7 @@ def _linear(e: Expr) -> tuple[int, Expr | None] | None:
     if _kv_free(e):
         return 0, _as_i64(e)
     op, args = e.op, e.args
-    if op == "to" and E.is_int(args[0].dtype):  # index arithmetic fits every integer type it meets here
+    if _widening(e):
         return _linear(args[0])
     if op in ("add", "sub"):
         a, b = _linear(args[0]), _linear(args[1])
@@ -248,7 +254,7 @@ def _monotone(e: Expr, up: bool) -> bool:
         return False
     op, args = e.op, e.args
     if op == "to":
-        return E.is_int(args[0].dtype) and _monotone(args[0], up)
+        return _widening(e) and _monotone(args[0], up)
     if op in ("add", "maximum", "minimum"):
         return _monotone(args[0], up) and _monotone(args[1], up)
     if op == "sub":
@@ -273,7 +279,7 @@ def _affine(e: Expr) -> tuple[int, int] | None:
         return (1, 0) if e.name == "q_idx" else None
     if not isinstance(e, Call):
         return None
-    if e.op == "to" and E.is_int(e.args[0].dtype):
+    if _widening(e):
         return _affine(e.args[0])
     if e.op == "neg":
         x = _affine(e.args[0])
