@@ -757,6 +757,17 @@ def test_closed_form_bounds_in_the_kernels(name):
     assert len(metas) == 2 and all(m["KV_BOUNDS"] for m in metas), "forward and backward walk the bounds"
 
 
+@pytest.mark.parametrize("lq,lk", [(1, 53), (37, 2), (16, 16), (1, 1)])
+@pytest.mark.parametrize("name", ["causal, Lk > Lq", "chunked", "anti-causal"])
+def test_closed_form_bounds_at_edge_lengths(name, lq, lk):
+    """One query (decoding), two keys, exactly one tile, one of each: rows that see nothing give 0 out and
+    no gradient.  (Many queries over a single key are left out: every softmax is exactly 1, eager's dk is
+    exactly 0, and the flash backward's DELTA = rowsum(dO * O) leaves ~1e-6, over the rule's floor.)"""
+    q, k, v, do = _inputs(1, 2, 1, lq, lk, 16, torch.float32)
+    check_case(q, k, v, do, [], [], score=E.score, mask=_bounded_masks()[name], scale=0.25, gqa_group=2,
+               sparsity="none")
+
+
 def test_closed_form_bounds_with_a_score_mod_and_tables_forced(monkeypatch):
     """ALiBi over a causal mask on the bounds; the same with ATTN_INDUCTOR_SPARSITY=tables reads the tables."""
     q, k, v, do = _inputs(1, 4, 4, 33, 40, 16, torch.float32)
