@@ -95,14 +95,11 @@ def _fill_sparsity(rep: SiteReport, m: AttentionMatch, real_inputs: dict, device
         rep.sparsity = 1.0
         rep.sparsity_note = "no mask: dense"
         return
-    if impl.startswith("triton"):
-        import os
-
+    if impl.startswith("triton"):  # Note [closed-form bounds] in masks/bounds.py
         from .masks.bounds import kv_interval
 
-        iv = kv_interval(pred)
-        if iv is not None and os.environ.get("ATTN_INDUCTOR_SPARSITY", "auto") != "tables":
-            rep.walk = f"closed-form kv bounds {iv.describe()} (in the kernel, no tables)"
+        if impl_mod.walks_bounds(pred):
+            rep.walk = f"closed-form kv bounds {kv_interval(pred).describe()} (in the kernel, no tables)"
         else:
             rep.walk = "block-sparsity tables"
     captured = []
