@@ -36,6 +36,7 @@ decreasing bounds (``kv_idx >= -q_idx``), unions with a gap.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -313,6 +314,7 @@ def _tidy(e: Expr) -> Expr:
     return e
 
 
+@functools.lru_cache(maxsize=512)
 def kv_interval(pred: Expr | None) -> KvInterval | None:
     """The closed-form bounds of ``pred`` (module docstring), or None where they are not proven."""
     if pred is None or pred.dtype != E.BOOL or not E.free_symbols(pred) <= {"q_idx", "kv_idx"} or E.loads(pred) \
@@ -342,16 +344,21 @@ def _clamp(x: int, lo: int, hi: int) -> int:
     return max(lo, min(x, hi))
 
 
+def _tile_range(first: int, end: int, full_lo: int, full_end: int, length: int, block: int) -> tuple:
+    """Tiles (first, first FULL, end of FULL, end) of a walk over [first, end) whose FULL tiles are those
+    inside [full_lo, full_end) (full_end >= length: up to the last, partial tile)."""
+    t_lo = first // block
+    t_hi = t_lo if first >= end else max(-(-end // block), t_lo)
+    f_lo = _clamp(-(-full_lo // block), t_lo, t_hi)
+    f_hi = _clamp(-(-length // block) if full_end >= length else full_end // block, f_lo, t_hi)
+    return t_lo, f_lo, f_hi, t_hi
+
+
 def forward_walk(iv: KvInterval, m0: int, m1: int, kv_len: int, block_n: int) -> tuple[int, int, int, int]:
     """For q rows [m0, m1]: kv tiles (first, first FULL, end of FULL, end), as the kernels compute them."""
-    n_tiles = -(-kv_len // block_n)
     lo_first, lo_last = _clamp(_at(iv.lo, m0), 0, kv_len), _clamp(_at(iv.lo, m1), 0, kv_len)
     hi_first, hi_last = _clamp(_at(iv.hi, m0), 0, kv_len), _clamp(_at(iv.hi, m1), 0, kv_len)
-    t_lo = lo_first // block_n
-    t_hi = t_lo if lo_first >= hi_last else max(-(-hi_last // block_n), t_lo)
-    f_lo = _clamp(-(-lo_last // block_n), t_lo, t_hi)
-    f_hi = _clamp(n_tiles if hi_first >= kv_len else hi_first // block_n, f_lo, t_hi)
-    return t_lo, f_lo, f_hi, t_hi
+    return _tile_range(lo_first, hi_last, lo_last, hi_first, kv_len, block_n)
 
 
 def _first_row_above(e: Expr, value: int, q_len: int) -> int:
@@ -368,16 +375,11 @@ def _first_row_above(e: Expr, value: int, q_len: int) -> int:
 
 def backward_walk(iv: KvInterval, n0: int, n1: int, q_len: int, block_m: int) -> tuple[int, int, int, int]:
     """For kv columns [n0, n1]: q tiles (first, first FULL, end of FULL, end), as the dK/dV programs compute."""
-    n_tiles = -(-q_len // block_m)
     first = _first_row_above(iv.hi, n0, q_len)             # rows before it end before n0
     end = _first_row_above(iv.lo, n1, q_len)               # rows from it start after n1
     full_from = _first_row_above(iv.hi, n1, q_len)         # rows from it reach past n1
     full_to = _first_row_above(iv.lo, n0, q_len)           # rows before it start at or before n0
-    t_lo = first // block_m
-    t_hi = t_lo if first >= end else max(-(-end // block_m), t_lo)
-    f_lo = _clamp(-(-full_from // block_m), t_lo, t_hi)
-    f_hi = _clamp(n_tiles if full_to >= q_len else full_to // block_m, f_lo, t_hi)
-    return t_lo, f_lo, f_hi, t_hi
+    return _tile_range(first, end, full_from, full_to, q_len, block_m)
 
 
 def walk_block_map(iv: KvInterval, q_len: int, kv_len: int, block_m: int, block_n: int,

@@ -97,7 +97,8 @@ import triton
 import triton.language as tl
 
 from . import hook_lib as lib
-from .attn_fwd import LOG2E, bounded_kv_walk, bounded_q_walk, load_2d, mask_scores, store_2d, walk_start
+from .attn_fwd import (LOG2E, bounded_kv_loops, bounded_q_walk, load_2d, mask_scores, store_2d, walk_counts,
+                       walk_start)
 
 HUGE_LSE: tl.constexpr = tl.constexpr(4096.0)  # Note [absorbed rows]: |LSE| from which fp32 loses ln(l)
 
@@ -255,13 +256,13 @@ def _dkdv_program(
     part_head = 0
     part_from = 0
     tail_from = 0
+    n_full_bounded = 0
+    n_part_bounded = 0
     if KV_BOUNDS:  # Note [closed-form bounds] in masks/bounds.py: the same q tiles for every head
-        t_lo, full_from, f_hi, t_hi = bounded_q_walk(KV_LO, KV_HI, pid_n * BLOCK_N,
-                                                     tl.minimum(pid_n * BLOCK_N + BLOCK_N, KV_LEN) - 1, Q_LEN,
-                                                     BLOCK_M)
-        part_head = full_from - t_lo
-        part_from = t_lo
-        tail_from = f_hi
+        t_lo, f_lo, f_hi, t_hi = bounded_q_walk(KV_LO, KV_HI, pid_n * BLOCK_N,
+                                                tl.minimum(pid_n * BLOCK_N + BLOCK_N, KV_LEN) - 1, Q_LEN, BLOCK_M)
+        n_full_bounded, full_from, n_part_bounded, part_head, part_from, tail_from = walk_counts(
+            t_lo, f_lo, f_hi, t_hi)
 
     for g in range(0, GQA_GROUP):
         off_h = off_hkv * GQA_GROUP + g
@@ -273,8 +274,8 @@ def _dkdv_program(
         LSE_C_ROW = LSE_C + (b64 * HQ + h64) * Q_LEN
         DELTA_ROW = DELTA + (b64 * HQ + h64) * Q_LEN
         if KV_BOUNDS:
-            n_full = f_hi - full_from
-            n_part = part_head + (t_hi - f_hi)
+            n_full = n_full_bounded
+            n_part = n_part_bounded
             FULL_IDX = Q_IDX
             PART_IDX = Q_IDX
         elif IS_SPARSE:
@@ -490,14 +491,8 @@ def _dq_program(
     part_from = 0
     tail_from = 0
     if KV_BOUNDS:  # Note [closed-form bounds] in masks/bounds.py
-        t_lo, full_from, f_hi, t_hi = bounded_kv_walk(KV_LO, KV_HI, pid_m * BLOCK_M,
-                                                      tl.minimum(pid_m * BLOCK_M + BLOCK_M, Q_LEN) - 1, KV_LEN,
-                                                      BLOCK_N)
-        n_full = f_hi - full_from
-        part_head = full_from - t_lo
-        part_from = t_lo
-        tail_from = f_hi
-        n_part = part_head + (t_hi - f_hi)
+        n_full, full_from, n_part, part_head, part_from, tail_from = bounded_kv_loops(
+            KV_LO, KV_HI, pid_m, BLOCK_M, Q_LEN, KV_LEN, BLOCK_N)
         FULL_IDX = KV_IDX
         PART_IDX = KV_IDX
     elif IS_SPARSE:

@@ -122,19 +122,39 @@ def _clamped(x, hi):
 
 
 @triton.jit
+def _tile_range(first, end, full_lo, full_end, LEN, BLOCK: tl.constexpr):
+    """Tiles (first, first FULL, end of FULL, end) of a walk over [first, end) whose FULL tiles are those
+    inside [full_lo, full_end) (full_end >= LEN: up to the last, partial tile)."""
+    t_lo = first // BLOCK
+    t_hi = tl.where(first >= end, t_lo, tl.maximum(tl.cdiv(end, BLOCK), t_lo))
+    f_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK), t_lo), t_hi)
+    f_hi = tl.where(full_end >= LEN, tl.cdiv(LEN, BLOCK), full_end // BLOCK)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
+    return t_lo, f_lo, f_hi, t_hi
+
+
+@triton.jit
 def bounded_kv_walk(KV_LO: tl.constexpr, KV_HI: tl.constexpr, m_first, m_last, KV_LEN, BLOCK_N: tl.constexpr):
     """kv tiles (first, first FULL, end of FULL, end) of q rows [m_first, m_last] from the mask's closed-form
     bounds: Note [closed-form bounds] in masks/bounds.py (``forward_walk`` there is the same arithmetic)."""
-    lo_first = _clamped(KV_LO(m_first), KV_LEN)
-    lo_last = _clamped(KV_LO(m_last), KV_LEN)
-    hi_first = _clamped(KV_HI(m_first), KV_LEN)
-    hi_last = _clamped(KV_HI(m_last), KV_LEN)
-    t_lo = lo_first // BLOCK_N
-    t_hi = tl.where(lo_first >= hi_last, t_lo, tl.maximum(tl.cdiv(hi_last, BLOCK_N), t_lo))
-    f_lo = tl.minimum(tl.maximum(tl.cdiv(lo_last, BLOCK_N), t_lo), t_hi)
-    f_hi = tl.where(hi_first >= KV_LEN, tl.cdiv(KV_LEN, BLOCK_N), hi_first // BLOCK_N)
-    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
-    return t_lo, f_lo, f_hi, t_hi
+    return _tile_range(_clamped(KV_LO(m_first), KV_LEN), _clamped(KV_HI(m_last), KV_LEN),
+                       _clamped(KV_LO(m_last), KV_LEN), _clamped(KV_HI(m_first), KV_LEN), KV_LEN, BLOCK_N)
+
+
+@triton.jit
+def walk_counts(t_lo, f_lo, f_hi, t_hi):
+    """A bounded walk as the kernels' loops take it: (n_full, full_from, n_part, part_head, part_from,
+    tail_from): FULL tiles f_lo.., then PARTIAL ones t_lo..f_lo and f_hi..t_hi (``walk_start``)."""
+    return f_hi - f_lo, f_lo, (f_lo - t_lo) + (t_hi - f_hi), f_lo - t_lo, t_lo, f_hi
+
+
+@triton.jit
+def bounded_kv_loops(KV_LO: tl.constexpr, KV_HI: tl.constexpr, pid_m, BLOCK_M: tl.constexpr, Q_LEN, KV_LEN,
+                     BLOCK_N: tl.constexpr):
+    """``walk_counts`` of q tile ``pid_m`` (the forward's and dQ's programs)."""
+    t_lo, f_lo, f_hi, t_hi = bounded_kv_walk(KV_LO, KV_HI, pid_m * BLOCK_M,
+                                             tl.minimum(pid_m * BLOCK_M + BLOCK_M, Q_LEN) - 1, KV_LEN, BLOCK_N)
+    return walk_counts(t_lo, f_lo, f_hi, t_hi)
 
 
 @triton.jit
@@ -159,12 +179,7 @@ def bounded_q_walk(KV_LO: tl.constexpr, KV_HI: tl.constexpr, n_first, n_last, Q_
     end = _first_row_above(KV_LO, n_last, Q_LEN)         # rows from it start after n_last
     full_from = _first_row_above(KV_HI, n_last, Q_LEN)   # rows from it reach past n_last
     full_to = _first_row_above(KV_LO, n_first, Q_LEN)    # rows before it start at or before n_first
-    t_lo = first // BLOCK_M
-    t_hi = tl.where(first >= end, t_lo, tl.maximum(tl.cdiv(end, BLOCK_M), t_lo))
-    f_lo = tl.minimum(tl.maximum(tl.cdiv(full_from, BLOCK_M), t_lo), t_hi)
-    f_hi = tl.where(full_to >= Q_LEN, tl.cdiv(Q_LEN, BLOCK_M), full_to // BLOCK_M)
-    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), t_hi)
-    return t_lo, f_lo, f_hi, t_hi
+    return _tile_range(first, end, full_from, full_to, Q_LEN, BLOCK_M)
 
 
 @triton.jit
@@ -278,14 +293,8 @@ def _attn_fwd(
     part_from = 0
     tail_from = 0
     if KV_BOUNDS:  # Note [closed-form bounds] in masks/bounds.py: no tables
-        t_lo, full_from, f_hi, t_hi = bounded_kv_walk(KV_LO, KV_HI, pid_m * BLOCK_M,
-                                                      tl.minimum(pid_m * BLOCK_M + BLOCK_M, Q_LEN) - 1, KV_LEN,
-                                                      BLOCK_N)
-        n_full = f_hi - full_from
-        part_head = full_from - t_lo
-        part_from = t_lo
-        tail_from = f_hi
-        n_part = part_head + (t_hi - f_hi)
+        n_full, full_from, n_part, part_head, part_from, tail_from = bounded_kv_loops(
+            KV_LO, KV_HI, pid_m, BLOCK_M, Q_LEN, KV_LEN, BLOCK_N)
         FULL_IDX = KV_IDX
         PART_IDX = KV_IDX
     elif IS_SPARSE:

@@ -308,20 +308,20 @@ def _policy_key(dtype: torch.dtype, env: str) -> tuple:
 SPARSITY_ENV = "ATTN_INDUCTOR_SPARSITY"
 
 
+def _tables_forced() -> bool:
+    return os.environ.get(SPARSITY_ENV, "auto") == "tables"
+
+
 def uses_kv_bounds(hooks) -> bool:
-    return hooks.kv_lo is not None and os.environ.get(SPARSITY_ENV, "auto") != "tables"
+    """The hooks carry the mask's bounds (rendered from ``kv_interval``) and nothing forces tables."""
+    return hooks.kv_lo is not None and not _tables_forced()
 
 
 def walks_bounds(pred: Expr | None) -> bool:
     """Will the kernels walk ``pred``'s closed-form bounds?  Then callers need not build tables."""
-    return pred is not None and os.environ.get(SPARSITY_ENV, "auto") != "tables" and _kv_interval(pred) is not None
-
-
-@functools.lru_cache(maxsize=512)
-def _kv_interval(pred: Expr):
     from ..masks.bounds import kv_interval
 
-    return kv_interval(pred)
+    return pred is not None and not _tables_forced() and kv_interval(pred) is not None
 
 
 def _captured_key(captured) -> tuple:
