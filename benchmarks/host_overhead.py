@@ -59,17 +59,68 @@ def layers(var, q, k, v, g):
     def op_fwd():
         torch.ops.attn_inductor.attention(qd, kd, vd, [], spec_json, cfg)
 
+    o3, l3, fb3 = torch.ops.attn_inductor.attention(qd, kd, vd, [], spec_json, cfg)
+
+    def op_bwd():
+        torch.ops.attn_inductor.attention_backward(qd, kd, vd, o3, l3, fb3, g, [], [], spec_json, cfg)
+
     def op_fwdbwd():
         q.grad = k.grad = v.grad = None
         call_attention(q, k, v, [], spec).backward(g)
 
     for name, step in (("launch.core_forward", core_fwd), ("launch.core_backward", core_bwd),
-                       ("op forward", op_fwd), ("op forward+backward (autograd)", op_fwdbwd)):
+                       ("op forward", op_fwd), ("op backward", op_bwd), ("op forward+backward (autograd)", op_fwdbwd)):
         def synced():
             step()
             torch.cuda.synchronize()
         print(f"  {var} {name:32s} {per_call_us(step):7.1f} us/call back to back, {per_call_us(synced):7.1f} synced",
               flush=True)
+
+
+def breakdown(var, fn, q, k, v, g, n=300):
+    """Host time per compiled forward+backward, split by layer: each of our Python layers is wrapped with a
+    timer (inclusive times); what is left is dispatch, AOT autograd and the autograd engine."""
+    from attn_inductor import runtime
+    from attn_inductor.templates import launch
+
+    layers_ = [(runtime, "attention_forward"), (runtime, "attention_backward"), (launch, "core_forward"),
+               (launch, "core_backward"), (launch, "_run_kernel")]
+    spent = {name: 0.0 for _, name in layers_}
+    saved = {}
+
+    def timed(mod, name):
+        inner = getattr(mod, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return inner, wrapper
+
+    for mod, name in layers_:
+        saved[(mod, name)], wrapped = timed(mod, name)
+        setattr(mod, name, wrapped)
+    try:
+        def fwdbwd():
+            q.grad = k.grad = v.grad = None
+            fn(q, k, v).backward(g)
+        for _ in range(20):
+            fwdbwd()
+        torch.cuda.synchronize()
+        for key in spent:
+            spent[key] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fwdbwd()
+        torch.cuda.synchronize()
+        total = (time.perf_counter() - t0) / n * 1e6
+    finally:
+        for (mod, name), inner in saved.items():
+            setattr(mod, name, inner)
+    parts = ", ".join(f"{name} {spent[name] / n * 1e6:.1f}" for _, name in layers_)
+    print(f"  {var} breakdown of a compiled fwd+bwd ({total:.1f} us/call): {parts} us/call (inclusive)", flush=True)
 
 
 def main(argv=None):
@@ -117,6 +168,7 @@ def main(argv=None):
         print(f"  {var} max rel. difference to Flex (out, dq, dk, dv): " + ", ".join(f"{e:.1e}" for e in errs)
               + f"; direct-launch form {launch._static_form['form']}", flush=True)
         assert max(errs) < 5e-2, errs
+        breakdown(var, ours, q, k, v, g)
         if var in LAYER_SPECS:
             layers(var, q, k, v, g)
         if a.trace:

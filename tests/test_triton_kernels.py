@@ -835,3 +835,16 @@ def test_explain_names_the_walk(monkeypatch):
     assert "walk:  closed-form kv bounds 0 <= kv_idx < q_idx + 1 (in the kernel, no tables)" in text
     monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
     assert "walk:  block-sparsity tables" in str(attn_inductor.explain(Causal(), q, q, q))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softcap_16bit_derivative_held_in_fp16(dtype):
+    """Note [backward register pressure]: softcap's derivative 1 - tanh^2 is proven bounded, so 16-bit
+    backwards hold it as fp16; the gradients still meet the oracle rule."""
+    rendered = hooks.render_hooks(softcap_score(2.0), causal_mask(), (), backward=True)
+    assert rendered.score_grad_fits_f16 and rendered.has_score_grad
+    alibi = hooks.render_hooks(alibi_score(), causal_mask(), hooks.captured_meta_of([torch.ones(2)], [True]),
+                               backward=True)
+    assert not alibi.score_grad_fits_f16  # derivative 1: nothing to hold
+    q, k, v, do = _inputs(1, 2, 2, 40, 40, 32, dtype)
+    check_case(q, k, v, do, [], [], score=softcap_score(2.0), mask=causal_mask(), scale=0.5)

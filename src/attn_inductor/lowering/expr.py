@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -548,6 +549,57 @@ class NotDifferentiable(ValueError):
     pass
 
 
+def float_range(expr: Expr) -> tuple[float, float] | None:
+    """A proven ``[lo, hi]`` for a float expression, or None when it may be unbounded.
+
+    Interval arithmetic over constants, ``tanh``/``sigmoid``/``sin``/``cos``
+    (bounded whatever their argument), ``+ - *``, ``neg``, ``abs``, float
+    casts and ``where``; anything else (the score, loads, division) is
+    unbounded.  Used to keep a derivative such as softcap's 1 - tanh² in a
+    16-bit register (Note [backward register pressure] in attn_bwd.py).
+    """
+    if isinstance(expr, Const):
+        if isinstance(expr.value, bool) or not math.isfinite(float(expr.value)):
+            return None
+        return float(expr.value), float(expr.value)
+    if not isinstance(expr, Call) or not is_float(expr.dtype):
+        return None
+    op, a = expr.op, expr.args
+    if op == "tanh":
+        return -1.0, 1.0
+    if op == "sigmoid":
+        return 0.0, 1.0
+    if op in ("sin", "cos"):
+        return -1.0, 1.0
+    if op == "where":
+        x, y = float_range(a[1]), float_range(a[2])
+        return None if x is None or y is None else (min(x[0], y[0]), max(x[1], y[1]))
+    if op == "to":
+        return float_range(a[0]) if is_float(a[0].dtype) else None
+    x = float_range(a[0])
+    if x is None:
+        return None
+    if op == "neg":
+        return -x[1], -x[0]
+    if op == "abs":
+        return (0.0 if x[0] <= 0.0 <= x[1] else min(abs(x[0]), abs(x[1]))), max(abs(x[0]), abs(x[1]))
+    if op not in ("add", "sub", "mul"):
+        return None
+    y = float_range(a[1])
+    if y is None:
+        return None
+    if op == "add":
+        return x[0] + y[0], x[1] + y[1]
+    if op == "sub":
+        return x[0] - y[1], x[1] - y[0]
+    products = [i * j for i in x for j in y]
+    return min(products), max(products)
+
+
+def _round_f32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def diff(expr: Expr, wrt: Expr) -> Expr:
     """Symbolic d(expr)/d(wrt) in fp32, where ``wrt`` is ``score`` or a ``Load``.
 
@@ -565,6 +617,13 @@ def diff(expr: Expr, wrt: Expr) -> Expr:
     def mul(x, y):
         if is_const(x, 0.0) or is_const(y, 0.0):
             return zero
+        if is_const(x) and not is_const(y):
+            x, y = y, x
+        if is_const(y) and isinstance(x, Call) and x.op == "mul" and x.dtype == F and is_const(x.args[1]) \
+                and is_float(x.args[1].dtype) and is_float(y.dtype):
+            # (x * c1) * c2 -> x * fp32(c1 * c2): chain rules through scaled arguments (softcap's
+            # tanh(s / cap) * cap) multiply constants that cancel; one rounding instead of two
+            return mul(x.args[0], const(_round_f32(float(x.args[1].value) * float(y.value)), F))
         return call("mul", x, y, dtype=F)
 
     def add(x, y):

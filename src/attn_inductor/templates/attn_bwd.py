@@ -50,6 +50,21 @@ Note [one backward launch]
     matmuls instead of seven) was measured too: no faster on an H200
     (benchmarks/results/h200_sweep_fused_dq_13d7cf9.json).
 
+Note [backward register pressure]
+    A dK/dV program keeps two [BLOCK_N, HEAD_DIM] fp32 accumulators in
+    registers; with a score mod whose derivative is not constant (softcap)
+    the [BLOCK_N, BLOCK_M] tile of d(score_mod)/ds lives from the score hook
+    until dS, across two tile matmuls, and at D=128 the program spilled
+    (ptxas, sm_90a: 188 bytes of spill stores).  When the hooks prove the
+    derivative within fp16's range (``E.float_range``: softcap's 1 - tanh^2
+    is in [0, 2]) and the inputs are 16-bit, the tile is held as fp16: half
+    the registers, spills 84 bytes, softcap forward+backward 5.95 -> 5.69 ms
+    at B=2 H=16 S=8192 D=128 on an H200.  The value is rounded to 11 bits
+    before it multiplies dS, which is then rounded to the input's 8 (bf16)
+    or 11 (fp16) bits for the dK matmul; fp32 inputs keep fp32.  Computing
+    dP before the score hook (so the derivative dies sooner) was tried too:
+    no fewer spills, no faster.
+
 Note [exact delta]
     Flash attention takes DELTA = rowsum(dO * OUT) with OUT already rounded to
     the input dtype.  That rounding error is the same for every entry of a row
@@ -151,7 +166,7 @@ def _attn_bwd_dkdv_inner(
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, Q_DTYPE: tl.constexpr, DO_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, DMOD_F16: tl.constexpr,
 ):
     """One q tile against the program's kv tile, in transposed orientation ([kv, q])."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -175,6 +190,8 @@ def _attn_bwd_dkdv_inner(
     sT = qkT * scale
     if HAS_SCORE_GRAD:  # natural units with a score mod (Note [exponent units])
         xT, dmodT = SCORE_MOD_GRAD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
+        if DMOD_F16:  # Note [backward register pressure]
+            dmodT = dmodT.to(tl.float16)
     elif HAS_SCORE_MOD:
         xT = SCORE_MOD(sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], CAPTURED, STRIDES)
     else:
@@ -202,7 +219,7 @@ def _attn_bwd_dkdv_inner(
         CAPTURED_GRAD(dsT, sT, off_b, off_h, q_idx, kv_idx, q_ok[None, :], kv_ok[:, None], live, CAPTURED, STRIDES,
                       GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES, 0, GRAD_MODE)
     if HAS_SCORE_GRAD:
-        dsT = dsT * dmodT
+        dsT = dsT * dmodT.to(tl.float32)
     dk = lib.mma(lib.as_dot_operand(dsT, Q_DTYPE, FP32_OPERANDS), tl.trans(qT), dk, INPUT_PRECISION)
     return dk, dv
 
@@ -229,6 +246,7 @@ def _dkdv_program(
     SPARSE_Q_MULT: tl.constexpr, SPARSE_KV_MULT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FP32_OPERANDS: tl.constexpr, EMPTY_NAN: tl.constexpr,
     KV_BOUNDS: tl.constexpr, KV_LO: tl.constexpr, KV_HI: tl.constexpr, PRE_BLOCK: tl.constexpr,
+    DMOD_F16: tl.constexpr,
 ):
     """dK and dV of kv tile ``pid_n`` of kv head ``off_hkv``, over every query head of its group."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -299,7 +317,7 @@ def _dkdv_program(
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, False, HAS_SCORE_GRAD, GRAD_MODE,
                 EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
-                INPUT_PRECISION, FP32_OPERANDS)
+                INPUT_PRECISION, FP32_OPERANDS, DMOD_F16)
         for it in range(0, n_part):
             start_m = walk_start(PART_IDX, it, SPARSE_Q_MULT, BLOCK_M, IS_SPARSE, KV_BOUNDS, part_head, part_from,
                                  tail_from)
@@ -309,7 +327,7 @@ def _dkdv_program(
                 CAPTURED, STRIDES, GRADS, GRAD_FIXED, GRAD_MAX, GRAD_COUNT, GRAD_STRIDES,
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD, GRAD_MODE,
                 EVEN_M, EVEN_D, EVEN_DV, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, Q_DTYPE, DO_DTYPE,
-                INPUT_PRECISION, FP32_OPERANDS)
+                INPUT_PRECISION, FP32_OPERANDS, DMOD_F16)
 
     dk = dk * scale
     if EMPTY_NAN:  # Note [dead rows in the backward]: any flag of the group's query heads
@@ -601,7 +619,7 @@ def _attn_bwd(
     SPARSE_Q_MULT2: tl.constexpr, SPARSE_KV_MULT2: tl.constexpr, EVEN_M2: tl.constexpr, EVEN_N2: tl.constexpr,
     STATS_PASS: tl.constexpr, FULL_DELTA: tl.constexpr, EMPTY_NAN: tl.constexpr,
     KV_BOUNDS: tl.constexpr = False, KV_LO: tl.constexpr = None, KV_HI: tl.constexpr = None,
-    PRE_BLOCK: tl.constexpr = 64,
+    PRE_BLOCK: tl.constexpr = 64, DMOD_F16: tl.constexpr = False,
 ):
     """dK/dV programs and dQ programs in one grid (Note [one backward launch]).
 
@@ -627,7 +645,7 @@ def _attn_bwd(
                 SCORE_MOD, MASK_MOD, SCORE_MOD_GRAD, CAPTURED_GRAD, HAS_SCORE_MOD, HAS_MASK, HAS_SCORE_GRAD,
                 DKDV_GRAD_MODE, IS_SPARSE, GQA_GROUP, HEAD_DIM, HEAD_DIM_V, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV,
                 SPARSE_Q_MULT1, SPARSE_KV_MULT1, EVEN_M1, EVEN_N1, INPUT_PRECISION, FP32_OPERANDS, EMPTY_NAN,
-                KV_BOUNDS, KV_LO, KV_HI, PRE_BLOCK)
+                KV_BOUNDS, KV_LO, KV_HI, PRE_BLOCK, DMOD_F16)
     else:
         if DO_DQ:
             # heavy (late) q tiles first, as in the forward; the heads of the group side by side

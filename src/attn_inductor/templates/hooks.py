@@ -67,6 +67,7 @@ __all__ = ["CapturedMeta", "IndexBounds", "Hooks", "UnsupportedHook", "captured_
 
 # The generated module's layout version: bump when the printed shape of hooks changes.
 _FORMAT = 2
+F16_MAX = 65504.0
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
@@ -552,6 +553,7 @@ class _Rendered:
     grad_loads: tuple[int, ...]  # per captured tensor: how many loads contribute to its gradient
     has_loads: bool  # the score or mask reads a captured tensor
     kv_bounds: str | None = None  # the mask's closed-form bounds (masks/bounds.py), rendered as kv_lo / kv_hi
+    score_grad_fits_f16: bool = False  # d(score_mod)/ds is proven within fp16's range (E.float_range)
 
 
 def _function(name: str, sig: str, body: list[str], doc: str) -> str:
@@ -638,9 +640,12 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
             parts.append(_function(name, "(q_idx)", _value_body(e, p, I64, False), doc))
 
     has_score_grad = False
+    grad_fits_f16 = False
     if backward:
         p = printer()
         has_score_grad = not E.is_const(score_grad, 1.0)
+        grad_range = E.float_range(score_grad) if has_score_grad else None
+        grad_fits_f16 = grad_range is not None and max(abs(grad_range[0]), abs(grad_range[1])) <= F16_MAX
         mod = p.value(score, F32, tensor=True)
         if not score_full:
             mod = f"tl.broadcast_to({mod}, score.shape)"
@@ -684,7 +689,7 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
         grad_loads = [0] * len(metas)
     has_loads = bool(E.loads(score)) or (mask is not None and bool(E.loads(mask)))
     return _Rendered("\n\n".join(parts), has_score_mod, has_mask, has_score_grad, bool(grads), tuple(grad_loads),
-                     has_loads, interval.describe() if interval is not None else None)
+                     has_loads, interval.describe() if interval is not None else None, grad_fits_f16)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -710,6 +715,7 @@ class Hooks:
     kv_lo: object | None = None  # closed-form bounds of the mask (Note [closed-form bounds] in masks/bounds.py)
     kv_hi: object | None = None
     kv_bounds: str | None = None
+    score_grad_fits_f16: bool = False
 
     @property
     def heavy(self) -> bool:
@@ -788,7 +794,8 @@ def render_hooks(score: Expr, mask: Expr | None, captured_meta: Sequence[Capture
                           getattr(module, "score_mod_grad", None), getattr(module, "captured_grad", None),
                           rendered.has_score_mod, rendered.has_mask, rendered.has_score_grad,
                           rendered.has_captured_grad, rendered.grad_loads, rendered.has_loads,
-                          getattr(module, "kv_lo", None), getattr(module, "kv_hi", None), rendered.kv_bounds)
+                          getattr(module, "kv_lo", None), getattr(module, "kv_hi", None), rendered.kv_bounds,
+                          rendered.score_grad_fits_f16)
             _by_key[(key, interpret)] = hooks
         _by_request[request] = hooks
     return hooks

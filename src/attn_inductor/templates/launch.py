@@ -606,7 +606,9 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
         IS_SPARSE=sparsity is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv_dim,
         BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv_dim),
         INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
-        KV_BOUNDS=bounded)
+        KV_BOUNDS=bounded,
+        # Note [backward register pressure] in attn_bwd.py: 16-bit inputs round dS to 16 bits anyway
+        DMOD_F16=hooks.score_grad_fits_f16 and q.dtype in (torch.float16, torch.bfloat16))
     fns = dict(SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, SCORE_MOD_GRAD=hooks.score_mod_grad,
                CAPTURED_GRAD=hooks.captured_grad, **_bound_fns(hooks, bounded))
     fit = dict(cfg=cfg, dtype=q.dtype, device=str(device), **meta)
