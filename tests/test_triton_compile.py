@@ -84,12 +84,14 @@ def sm90(request):
     previous = driver._active  # reset_active() would create the real (absent) CUDA driver
     driver.set_active(FakeCudaDriver())
     launch._fitted.clear()
+    launch._plans.clear()  # plans remember the attempt that fitted (Note [launch plans])
     try:
         yield compiled
     finally:
         driver.set_active(previous)
         mp.undo()
         launch._fitted.clear()
+        launch._plans.clear()
         del triton
 
 

@@ -662,12 +662,15 @@ def test_static_launch_forms(launcher_args, form, monkeypatch):
     log.clear()
     launch._run_kernel(kernel, (2, 1, 1), (x[1:], 7), dict(BLOCK=16, num_warps=4), site=(kept, 1))
     assert log[0][0] == "jit"
-    # no site (CPU tensors, interpreter), or not opted in: always the JIT
+    # no site (CPU tensors, interpreter, or turned off): always the JIT
     log.clear()
     launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=None)
+    assert [entry[0] for entry in log] == ["jit"]
+    # turning them off is read into the plan key: a plan made with them on is not reused
+    on = launch._policy_key(torch.bfloat16, "ATTN_INDUCTOR_FWD_CONFIG")
     monkeypatch.setenv("ATTN_INDUCTOR_STATIC_LAUNCH", "0")
-    launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=(kept, 1))
-    assert [entry[0] for entry in log] == ["jit", "jit"]
+    assert not launch._static_launches_on()
+    assert launch._policy_key(torch.bfloat16, "ATTN_INDUCTOR_FWD_CONFIG") != on
 
 
 def test_launch_plans_follow_the_call_site(monkeypatch):

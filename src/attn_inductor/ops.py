@@ -58,7 +58,13 @@ def implementation_name(device: torch.device | str, impl: str = "auto") -> str:
 
 
 def _implementation(device: torch.device, config: dict):
-    name = implementation_name(device, config.get("impl", "auto"))
+    return _implementation_for(device.type, config.get("impl", "auto"), _compat.triton_interpret_enabled())
+
+
+@functools.lru_cache(maxsize=None)
+def _implementation_for(device_type: str, impl: str, interpret: bool):
+    """The module for (device type, impl, interpreter flag): decided, and imported, once."""
+    name = implementation_name(torch.device(device_type), impl)
     if name.startswith("triton"):
         from .templates import launch
 
@@ -68,6 +74,7 @@ def _implementation(device: torch.device, config: dict):
     return cpu
 
 
+@functools.lru_cache(maxsize=None)
 def _runtime():
     from . import runtime
 

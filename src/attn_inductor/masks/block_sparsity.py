@@ -161,19 +161,23 @@ _cache: "OrderedDict[tuple, tuple[tuple, BlockSparsity]]" = OrderedDict()
 def _tensor_key(t: torch.Tensor) -> tuple | None:
     if not isinstance(t, torch.Tensor) or t.is_inference():
         return None
-    return (id(t), t._version, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, str(t.device))
+    return (id(t), t._version, t.shape, t.stride(), t.storage_offset(), t.dtype, t.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _buffers(pred) -> tuple[int, ...]:
+    return tuple(sorted({load.buffer for load in E.loads(pred)})) if pred is not None else ()
 
 
 def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int, captured, block_m: int,
                        block_n: int, device) -> BlockSparsity:
     """Cached :func:`classify_blocks`; see Note [block sparsity cache keys]."""
-    buffers = sorted({load.buffer for load in E.loads(pred)}) if pred is not None else []
-    tensor_keys = tuple((i, _tensor_key(captured[i])) for i in buffers)
-    args = dict(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
-                block_m=block_m, block_n=block_n, device=device)
-    if any(k is None for _, k in tensor_keys):
-        return classify_blocks(pred, **args)
-    key = (pred, batch, heads, q_len, kv_len, block_m, block_n, str(torch.device(device)), tensor_keys)
+    buffers = _buffers(pred)
+    tensor_keys = tuple(_tensor_key(captured[i]) for i in buffers)
+    if None in tensor_keys:
+        return classify_blocks(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
+                               block_m=block_m, block_n=block_n, device=device)
+    key = (pred, batch, heads, q_len, kv_len, block_m, block_n, torch.device(device), buffers, tensor_keys)
     hit = _cache.get(key)
     if hit is not None:
         refs, bs = hit
@@ -181,6 +185,8 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
             _cache.move_to_end(key)
             return bs
         del _cache[key]  # an id reused by a new object
+    args = dict(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
+                block_m=block_m, block_n=block_n, device=device)
     bs = classify_blocks(pred, **args)
     _cache[key] = (tuple(weakref.ref(captured[i]) for i in buffers), bs)
     while len(_cache) > _CACHE_SIZE:

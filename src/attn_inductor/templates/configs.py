@@ -37,7 +37,6 @@ Invariants: every block is a power of two >= 16 (``tl.dot``'s minimum);
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +131,7 @@ def _lookup(table: dict, head_dim: int, dtype: torch.dtype):
 
 
 def _env_ints(name: str, n: int):
-    text = os.environ.get(name)
+    text = _compat.env(name)
     if not text:
         return None
     vals = tuple(int(x) for x in text.replace(" ", "").split(","))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import sys
 from collections import OrderedDict
 from typing import Sequence
 
@@ -38,6 +38,7 @@ import torch
 from .. import _compat
 from ..lowering.expr import Expr
 from ..masks.block_sparsity import BlockSparsity
+from ..masks.bounds import kv_interval
 from . import configs
 from .hooks import IndexBounds, captured_meta_of, render_hooks
 
@@ -170,8 +171,16 @@ def _attempts(cfg, inner) -> list:
     return out
 
 
-def _launch(kernel, key: tuple, attempts: list, launch_one) -> None:
-    """Run ``launch_one(attempt)`` for the first attempt the device accepts (Note [fitting the device])."""
+def _launch(kernel, key: tuple, attempts: list, launch_one, kept: dict | None = None) -> None:
+    """Run ``launch_one(attempt)`` for the first attempt the device accepts (Note [fitting the device]).
+
+    ``kept``: the call site's dict (Note [launch plans]); a site that has launched goes straight to the
+    attempt that fitted, without hashing ``key`` again."""
+    if kept is not None:
+        fitted = kept.get(("fitted", key[0]))
+        if fitted is not None and fitted[0] is key:
+            launch_one(attempts[fitted[1]])
+            return
     from triton.runtime.errors import OutOfResources
 
     start = _fitted.get(key, 0)
@@ -183,6 +192,8 @@ def _launch(kernel, key: tuple, attempts: list, launch_one) -> None:
             error = e
             continue
         _fitted[key] = i
+        if kept is not None:
+            kept[("fitted", key[0])] = (key, i)
         return
     raise error
 
@@ -233,7 +244,7 @@ def _run_kernel(kernel, grid, args: tuple, kwargs: dict, site) -> None:
     call's own.
     """
     form = _static_form["form"]
-    if not site or form == "off" or os.environ.get("ATTN_INDUCTOR_STATIC_LAUNCH", "1") == "0":
+    if not site or form == "off":
         kernel[grid](*args, **kwargs)
         return
     kept, local = site
@@ -253,7 +264,7 @@ def _run_kernel(kernel, grid, args: tuple, kwargs: dict, site) -> None:
             _static_form["form"] = f
             return
         _static_form["form"] = "off"  # this Triton's launcher takes neither form: JIT from now on
-        kept.clear()
+        del kept[skey]
         kernel[grid](*args, **kwargs)
         return
     compiled = kernel[grid](*args, **kwargs)
@@ -299,7 +310,13 @@ _PLANS_MAX = 256
 
 def _policy_key(dtype: torch.dtype, env: str) -> tuple:
     tf32 = dtype == torch.float32 and _compat.fp32_matmul_allows_tf32()
-    return os.environ.get(env), os.environ.get(SPARSITY_ENV), _compat.triton_interpret_enabled(), tf32
+    return (_compat.env(env), _compat.env(SPARSITY_ENV), _compat.triton_interpret_enabled(), tf32,
+            _static_launches_on())
+
+
+def _static_launches_on() -> bool:
+    """Note [static launches]: ``ATTN_INDUCTOR_STATIC_LAUNCH=0`` turns them off (read into the plan key)."""
+    return _compat.env("ATTN_INDUCTOR_STATIC_LAUNCH", "1") != "0"
 
 
 # Note [closed-form bounds] in masks/bounds.py: masks with closed-form kv bounds walk their tiles from
@@ -309,7 +326,7 @@ SPARSITY_ENV = "ATTN_INDUCTOR_SPARSITY"
 
 
 def _tables_forced() -> bool:
-    return os.environ.get(SPARSITY_ENV, "auto") == "tables"
+    return _compat.env(SPARSITY_ENV, "auto") == "tables"
 
 
 def uses_kv_bounds(hooks) -> bool:
@@ -319,9 +336,18 @@ def uses_kv_bounds(hooks) -> bool:
 
 def walks_bounds(pred: Expr | None) -> bool:
     """Will the kernels walk ``pred``'s closed-form bounds?  Then callers need not build tables."""
-    from ..masks.bounds import kv_interval
-
     return pred is not None and not _tables_forced() and kv_interval(pred) is not None
+
+
+def _kernels() -> dict:
+    """The Triton kernels, imported on first use (TRITON_INTERPRET must be set before they are defined).
+
+    Looked up in ``sys.modules`` on every call (cheaper than an import statement) so that a reload of
+    the kernel modules, as the tests do to switch the interpreter on and off, is seen."""
+    fwd, bwd = sys.modules.get(__package__ + ".attn_fwd"), sys.modules.get(__package__ + ".attn_bwd")
+    if fwd is None or bwd is None:
+        from . import attn_bwd as bwd, attn_fwd as fwd  # noqa: I001
+    return {"fwd": fwd._attn_fwd, "bwd": bwd._attn_bwd, "preprocess": bwd._attn_bwd_preprocess}
 
 
 def _captured_key(captured) -> tuple:
@@ -347,8 +373,7 @@ def _plan_put(key: tuple, refs: tuple, plan) -> None:
 def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None,
                  empty_rows: str = "zero"):
     """Softmax over entries passing ``mask`` of ``score`` (see cpu.core_forward); -> (out, lse)."""
-    from .attn_fwd import _attn_fwd
-
+    _attn_fwd = _kernels()["fwd"]
     batch, hq, q_len, d = _dims(q, k, v)
     kv_len, dv = k.shape[2], v.shape[3]
     out = torch.empty(batch, hq, q_len, dv, dtype=v.dtype, device=q.device)
@@ -365,10 +390,9 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         plan = _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows)
         _plan_put(plan_key, refs, plan)
     hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, kept, sparsity = plan
-    static_site = q.device.type == "cuda"  # Note [static launches]
+    static_site = kept["static"]  # Note [static launches]
     if sparsity is None:
         tables = (lse, lse, lse, lse)  # unused placeholders
-    bound_fns = _bound_fns(hooks, meta["KV_BOUNDS"])
     cap_ptrs = _captured_args(captured)[0]
     if row_select is not None:
         if row_select.shape != (batch, hq, q_len):
@@ -379,19 +403,22 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         rs, rs_strides = lse, (0, 0, 0)
 
     def launch_one(c):
-        block_m, block_n, q_mult, kv_mult = _tiles(sparsity, c.block_m, c.block_n, q_len, kv_len)
-        grid = (triton_cdiv(q_len, block_m), hq, batch)
+        site = (tuple(rs_strides), c)
+        recipe = kept.get(("recipe", site))  # the grid and constexprs are the site's (Note [launch plans])
+        if recipe is None:
+            block_m, block_n, q_mult, kv_mult = _tiles(sparsity, c.block_m, c.block_n, q_len, kv_len)
+            recipe = kept[("recipe", site)] = ((triton_cdiv(q_len, block_m), hq, batch), dict(
+                SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, **meta, **_bound_fns(hooks, meta["KV_BOUNDS"]),
+                BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult,
+                EVEN_M=q_len % block_m == 0, EVEN_N=kv_len % (block_n * kv_mult) == 0,
+                num_warps=c.num_warps, num_stages=c.num_stages))
+        grid, kwargs = recipe
         args = (q, k, v, out, lse, rs, *tables, cap_ptrs, cap_strides,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *rs_strides,
                 *num_strides, *idx_strides, q_len, kv_len, float(scale))
-        kwargs = dict(
-            SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, **meta, **bound_fns,
-            BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult,
-            EVEN_M=q_len % block_m == 0, EVEN_N=kv_len % (block_n * kv_mult) == 0,
-            num_warps=c.num_warps, num_stages=c.num_stages)
-        _run_kernel(_attn_fwd, grid, args, kwargs, (kept, (tuple(rs_strides), c)) if static_site else None)
+        _run_kernel(_attn_fwd, grid, args, kwargs, (kept, site) if static_site else None)
 
-    _launch(_attn_fwd, key, _attempts(cfg, "block_n"), launch_one)
+    _launch(_attn_fwd, key, _attempts(cfg, "block_n"), launch_one, kept)
     return out, lse
 
 
@@ -416,7 +443,8 @@ def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_selec
         INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
         EMPTY_NAN=empty_rows == "nan", KV_BOUNDS=bounded)
     key = _fit_key("fwd", hooks, cfg=cfg, dtype=q.dtype, device=str(q.device), **meta)
-    return hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, {}, sparsity
+    kept = {"static": q.device.type == "cuda" and _static_launches_on()}  # Note [static launches]
+    return hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, kept, sparsity
 
 
 def _bound_fns(hooks, bounded: bool) -> dict:
@@ -474,8 +502,8 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     ``empty_rows="nan"``: rows whose lse is -inf get eager's NaN dq, and dk/dv of the (batch, kv head)
     they belong to are NaN (Note [dead rows in the backward] in attn_bwd.py); else they contribute 0.
     """
-    from .attn_bwd import _attn_bwd, _attn_bwd_preprocess
-
+    kernels = _kernels()
+    _attn_bwd, _attn_bwd_preprocess = kernels["bwd"], kernels["preprocess"]
     batch, hq, q_len, d = _dims(q, k, v)
     hkv, kv_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     device = q.device
@@ -503,7 +531,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         _plan_put(plan_key, refs, plan)
     (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
      mode_dkdv, mode_dq, pre_block, kept, sparsity) = plan
-    static_site = device.type == "cuda"  # Note [static launches]
+    static_site = kept["static"]  # Note [static launches]
     any_grad = any(grad_needs)
 
     # preprocess: DELTA = rowsum(dO * O), LSE_X = LSE in the kernels' exponent units (+inf on dead rows)
@@ -536,30 +564,37 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     def launch_bwd(c, do_dkdv: bool, do_dq: bool, stats_pass: bool = False):
         """dK/dV programs (a kv tile of one kv head, every query head of its group) and/or dQ programs
         (a q tile of one query head) in one grid: Note [one backward launch] in attn_bwd.py."""
-        block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, c.block_m1, c.block_n1, q_len, kv_len)
-        block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
-        kv_tiles = triton_cdiv(kv_len, block_n1)
-        programs = (kv_tiles if do_dkdv else 0) + (triton_cdiv(q_len, block_m2) * gqa_group if do_dq else 0)
+        site = (do_dkdv, do_dq, stats_pass, c)
+        recipe = kept.get(("recipe", site))  # the grid and constexprs are the site's (Note [launch plans])
+        if recipe is None:
+            block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, c.block_m1, c.block_n1, q_len, kv_len)
+            block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
+            kv_tiles = triton_cdiv(kv_len, block_n1)
+            programs = (kv_tiles if do_dkdv else 0) + (triton_cdiv(q_len, block_m2) * gqa_group if do_dq else 0)
+            recipe = kept[("recipe", site)] = ((programs, hkv, batch), kv_tiles, dict(
+                **fns, **meta,
+                DO_DKDV=do_dkdv, DKDV_GRAD_MODE=mode_dkdv, BLOCK_M1=block_m1, BLOCK_N1=block_n1,
+                SPARSE_Q_MULT1=q_mult1, SPARSE_KV_MULT1=kv_mult1, EVEN_M1=q_len % (block_m1 * q_mult1) == 0,
+                EVEN_N1=kv_len % block_n1 == 0,
+                DO_DQ=do_dq, DQ_GRAD_MODE=0 if stats_pass else mode_dq, BLOCK_M2=block_m2, BLOCK_N2=block_n2,
+                SPARSE_Q_MULT2=q_mult2, SPARSE_KV_MULT2=kv_mult2, EVEN_M2=q_len % block_m2 == 0,
+                EVEN_N2=kv_len % (block_n2 * kv_mult2) == 0, STATS_PASS=stats_pass, FULL_DELTA=any_grad,
+                EMPTY_NAN=empty_nan, PRE_BLOCK=pre_block, num_warps=c.num_warps, num_stages=c.num_stages))
+        grid, kv_tiles, kwargs = recipe
         args = (q, k, v, grad_out, dq, dk, dv, lse_x, lse_c, delta, dead, *fwd_tables, *tables, *grad_args,
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
                 *fwd_num_strides, *fwd_idx_strides, *num_strides, *idx_strides,
                 hq, q_len, kv_len, float(scale), kv_tiles)
-        kwargs = dict(
-            **fns, **meta,
-            DO_DKDV=do_dkdv, DKDV_GRAD_MODE=mode_dkdv, BLOCK_M1=block_m1, BLOCK_N1=block_n1,
-            SPARSE_Q_MULT1=q_mult1, SPARSE_KV_MULT1=kv_mult1, EVEN_M1=q_len % (block_m1 * q_mult1) == 0,
-            EVEN_N1=kv_len % block_n1 == 0,
-            DO_DQ=do_dq, DQ_GRAD_MODE=0 if stats_pass else mode_dq, BLOCK_M2=block_m2, BLOCK_N2=block_n2,
-            SPARSE_Q_MULT2=q_mult2, SPARSE_KV_MULT2=kv_mult2, EVEN_M2=q_len % block_m2 == 0,
-            EVEN_N2=kv_len % (block_n2 * kv_mult2) == 0, STATS_PASS=stats_pass, FULL_DELTA=any_grad,
-            EMPTY_NAN=empty_nan, PRE_BLOCK=pre_block, num_warps=c.num_warps, num_stages=c.num_stages)
-        _run_kernel(_attn_bwd, (programs, hkv, batch), args, kwargs,
-                    (kept, (do_dkdv, do_dq, stats_pass, c)) if static_site else None)
+        _run_kernel(_attn_bwd, grid, args, kwargs, (kept, site) if static_site else None)
 
     def run(name, do_dkdv, do_dq, stats_pass=False):
-        inner = (("block_m1",) if do_dkdv else ()) + (("block_n2",) if do_dq else ())
-        key = _fit_key(name, hooks, modes=(mode_dkdv, mode_dq), full=any_grad, nan=empty_nan, **fit)
-        _launch(_attn_bwd, key, _attempts(cfg, inner), lambda c: launch_bwd(c, do_dkdv, do_dq, stats_pass))
+        fixed = kept.get(("run", name))
+        if fixed is None:  # the fit key and attempts are the site's
+            inner = (("block_m1",) if do_dkdv else ()) + (("block_n2",) if do_dq else ())
+            key = _fit_key(name, hooks, modes=(mode_dkdv, mode_dq), full=any_grad, nan=empty_nan, **fit)
+            fixed = kept[("run", name)] = (key, _attempts(cfg, inner))
+        key, attempts = fixed
+        _launch(_attn_bwd, key, attempts, lambda c: launch_bwd(c, do_dkdv, do_dq, stats_pass), kept)
 
     if hooks.has_score_mod:
         # Notes [exact delta] and [absorbed rows] in attn_bwd.py: rewrites DELTA / LSE_X / LSE_C of the q tiles
@@ -618,5 +653,6 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
     pre_block = min(_PREPROCESS_BLOCK, max(16, _pow2_at_least(q_len)))
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         pre_block = configs.INTERPRETER_BLOCK
+    kept = {"static": device.type == "cuda" and _static_launches_on()}  # Note [static launches]
     return (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
-            mode_dkdv, mode_dq, pre_block, {}, sparsity)
+            mode_dkdv, mode_dq, pre_block, kept, sparsity)
