@@ -481,12 +481,6 @@ def _dq_program(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q = load_2d(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                q_ok, offs_d < HEAD_DIM, EVEN_M, EVEN_D)
-    do = load_2d(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, q_ok, offs_dv < HEAD_DIM_V, EVEN_M, EVEN_DV)
-    q = lib.widen_for_dot(q, FP32_OPERANDS)
-    do = lib.widen_for_dot(do, FP32_OPERANDS)
     row = (b64 * HQ + h64) * Q_LEN
     if EVEN_M:
         lse_x = tl.load(LSE_X + row + offs_m)
@@ -494,6 +488,26 @@ def _dq_program(
     else:
         lse_x = tl.load(LSE_X + row + offs_m, mask=q_ok, other=float("inf"))
         delta = tl.load(DELTA + row + offs_m, mask=q_ok, other=0.0)
+    need = 0
+    if STATS_PASS:  # Notes [exact delta] and [absorbed rows]: most tiles have nothing to recompute
+        alive = lse_x != float("inf")
+        absorbed = alive & (tl.abs(lse_x) >= HUGE_LSE)
+        need = tl.max(absorbed.to(tl.int32), 0)
+        if FULL_DELTA:
+            need = need + 1
+        # such a tile reads neither Q nor dO (masked-off loads move no data); [BLOCK_M] masks, as below
+        rows = q_ok & ((offs_m * 0 + need) > 0)
+        q = load_2d(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd, rows, offs_d < HEAD_DIM, False, EVEN_D)
+        do = load_2d(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                     + offs_dv[None, :] * stride_dod, rows, offs_dv < HEAD_DIM_V, False, EVEN_DV)
+    else:
+        q = load_2d(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd, q_ok, offs_d < HEAD_DIM, EVEN_M, EVEN_D)
+        do = load_2d(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                     + offs_dv[None, :] * stride_dod, q_ok, offs_dv < HEAD_DIM_V, EVEN_M, EVEN_DV)
+    q = lib.widen_for_dot(q, FP32_OPERANDS)
+    do = lib.widen_for_dot(do, FP32_OPERANDS)
     if HAS_SCORE_MOD and not STATS_PASS:  # Note [absorbed rows]
         lse_c = tl.load(LSE_C + row + offs_m, mask=q_ok, other=0.0)
     else:
@@ -530,10 +544,6 @@ def _dq_program(
 
     if STATS_PASS:  # Notes [exact delta] and [absorbed rows]
         alive = lse_x != float("inf")
-        absorbed = alive & (tl.abs(lse_x) >= HUGE_LSE)
-        need = tl.max(absorbed.to(tl.int32), 0)
-        if FULL_DELTA:
-            need = need + 1
         run = need > 0
         n_full = tl.where(run, n_full, 0)
         n_part = tl.where(run, n_part, 0)
