@@ -851,3 +851,25 @@ def test_softcap_16bit_derivative_held_in_fp16(dtype):
     assert not alibi.score_grad_fits_f16  # derivative 1: nothing to hold
     q, k, v, do = _inputs(1, 2, 2, 40, 40, 32, dtype)
     check_case(q, k, v, do, [], [], score=softcap_score(2.0), mask=causal_mask(), scale=0.5)
+
+
+def test_entry_gathers_pick_their_tiles(monkeypatch):
+    """A relative-position table (one gather per query-key entry) is told apart from per-row or per-head
+    gathers (document ids, ALiBi slopes); on Hopper at D=128 with 16-bit inputs it gets its own tiles."""
+    from attn_inductor.templates import configs
+
+    meta = hooks.captured_meta_of
+    relbias = hooks.render_hooks(relbias_score(40), causal_mask(), meta([torch.ones(2, 79)]))
+    alibi = hooks.render_hooks(alibi_score(), causal_mask(), meta([torch.ones(2)]))
+    document = hooks.render_hooks(E.score, document_mask(), meta([torch.zeros(1, 40, dtype=torch.long)]))
+    assert relbias.entry_gathers and not alibi.entry_gathers and not document.entry_gathers
+    monkeypatch.setattr(configs, "_capability", lambda device: 9)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter's own tiles otherwise
+    cuda = torch.device("cuda")
+    assert configs.forward_config(128, torch.bfloat16, cuda, heavy=True, entry_gathers=True) == \
+        configs._FWD_ENTRY_GATHERS
+    assert configs.backward_config(128, torch.float16, cuda, heavy=True, entry_gathers=True) == \
+        configs._BWD_ENTRY_GATHERS
+    for d, dtype in ((64, torch.bfloat16), (128, torch.float32)):  # not measured there: the tables decide
+        assert configs.forward_config(d, dtype, cuda, heavy=True, entry_gathers=True) != configs._FWD_ENTRY_GATHERS
+    assert configs.forward_config(128, torch.bfloat16, cuda, heavy=True) != configs._FWD_ENTRY_GATHERS

@@ -157,13 +157,30 @@ def fit_tile(tile: int, sparse: int) -> int:
     return t
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, heavy: bool = False) -> FwdConfig:
-    """``heavy``: the hooks gather from captured tensors or modify the score (Note [heavy hooks])."""
+# Hopper, D=128, 16-bit, a score that gathers one table entry per (query, key) (a relative-position bias):
+# 64 x 64 tiles on 4 warps in both passes (H200 sweeps, ours/Flex: B=2 H=16 S=8192 forward 0.959 -> 1.021,
+# forward+backward 0.906 -> 0.94; B=16 S=1024 forward 0.877 -> 1.006, forward+backward 0.877 -> 0.893;
+# benchmarks/results/h200_sweep_relbias_215ca47.json).
+_FWD_ENTRY_GATHERS = FwdConfig(64, 64, 4, 3)
+_BWD_ENTRY_GATHERS = BwdConfig(64, 64, 64, 64, 4, 3)
+
+
+def _entry_gathers_apply(head_dim: int, dtype: torch.dtype, device: torch.device, entry_gathers: bool) -> bool:
+    return (entry_gathers and _capability(device) == 9 and head_block(head_dim) == 128
+            and dtype in (torch.bfloat16, torch.float16))
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, heavy: bool = False,
+                   entry_gathers: bool = False) -> FwdConfig:
+    """``heavy``: the hooks gather from captured tensors or modify the score (Note [heavy hooks]);
+    ``entry_gathers``: they gather one entry per (query, key) (``Hooks.entry_gathers``)."""
     env = _env_ints("ATTN_INDUCTOR_FWD_CONFIG", 4)
     if env is not None:
         return FwdConfig(*env)
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         return FwdConfig(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 1, 1)
+    if _entry_gathers_apply(head_dim, dtype, device, entry_gathers):
+        return _FWD_ENTRY_GATHERS
     cfg = _lookup(_FWD[_capability(device)], head_dim, dtype)
     if heavy and cfg.block_m >= 128 and cfg.block_n >= 128:
         cfg = dataclasses.replace(cfg, num_warps=max(cfg.num_warps, 8))
@@ -177,15 +194,17 @@ _BWD_D64_PLAIN = BwdConfig(128, 128, 128, 128, 8, 2)
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, heavy: bool = False,
-                    score_mod: bool = False) -> BwdConfig:
+                    score_mod: bool = False, entry_gathers: bool = False) -> BwdConfig:
     """``heavy``: score gradient or captured gradients or gathers (Note [heavy hooks]); ``score_mod``:
-    the score is modified (ALiBi, softcap, biases)."""
+    the score is modified (ALiBi, softcap, biases); ``entry_gathers``: as in ``forward_config``."""
     env = _env_ints("ATTN_INDUCTOR_BWD_CONFIG", 6)
     if env is not None:
         return BwdConfig(*env)
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         b = INTERPRETER_BLOCK
         return BwdConfig(b, b, b, b, 1, 1)
+    if _entry_gathers_apply(head_dim, dtype, device, entry_gathers):
+        return _BWD_ENTRY_GATHERS
     cap = _capability(device)
     if cap == 9 and head_block(head_dim) == 64 and dtype in (torch.bfloat16, torch.float16) and not score_mod:
         return _BWD_D64_PLAIN

@@ -554,6 +554,7 @@ class _Rendered:
     has_loads: bool  # the score or mask reads a captured tensor
     kv_bounds: str | None = None  # the mask's closed-form bounds (masks/bounds.py), rendered as kv_lo / kv_hi
     score_grad_fits_f16: bool = False  # d(score_mod)/ds is proven within fp16's range (E.float_range)
+    entry_gathers: bool = False  # a load indexed by both q_idx and kv_idx (a relative-position table)
 
 
 def _function(name: str, sig: str, body: list[str], doc: str) -> str:
@@ -688,8 +689,11 @@ def render_source(score: Expr, mask: Expr | None, captured_meta: Sequence[Captur
     else:
         grad_loads = [0] * len(metas)
     has_loads = bool(E.loads(score)) or (mask is not None and bool(E.loads(mask)))
+    entry_gathers = any({"q_idx", "kv_idx"} <= frozenset().union(*(_deps(i, deps_memo) for i in ld.indices))
+                        for e in exprs[:2] for ld in E.loads(e) if ld.indices)
     return _Rendered("\n\n".join(parts), has_score_mod, has_mask, has_score_grad, bool(grads), tuple(grad_loads),
-                     has_loads, interval.describe() if interval is not None else None, grad_fits_f16)
+                     has_loads, interval.describe() if interval is not None else None, grad_fits_f16,
+                     entry_gathers)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -716,6 +720,7 @@ class Hooks:
     kv_hi: object | None = None
     kv_bounds: str | None = None
     score_grad_fits_f16: bool = False
+    entry_gathers: bool = False
 
     @property
     def heavy(self) -> bool:
@@ -795,7 +800,7 @@ def render_hooks(score: Expr, mask: Expr | None, captured_meta: Sequence[Capture
                           rendered.has_score_mod, rendered.has_mask, rendered.has_score_grad,
                           rendered.has_captured_grad, rendered.grad_loads, rendered.has_loads,
                           getattr(module, "kv_lo", None), getattr(module, "kv_hi", None), rendered.kv_bounds,
-                          rendered.score_grad_fits_f16)
+                          rendered.score_grad_fits_f16, rendered.entry_gathers)
             _by_key[(key, interpret)] = hooks
         _by_request[request] = hooks
     return hooks

@@ -432,7 +432,8 @@ def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_selec
     bounded = uses_kv_bounds(hooks)
     if bounded:
         sparsity = None
-    cfg = configs.forward_config(max(d, dv), q.dtype, q.device, heavy=hooks.heavy)
+    cfg = configs.forward_config(max(d, dv), q.dtype, q.device, heavy=hooks.heavy,
+                                 entry_gathers=hooks.entry_gathers)
     placeholder = torch.empty(0, device=q.device)
     tables, num_strides, idx_strides = _table_args(sparsity, placeholder, forward=True)
     cap_strides = _captured_args(captured)[1]
@@ -631,7 +632,7 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
     grad_needs = tuple(n and hooks.grad_loads[i] > 0 for i, n in enumerate(float_needs))
     any_grad = any(grad_needs)
     cfg = configs.backward_config(max(d, dv_dim), q.dtype, device, heavy=hooks.heavy,
-                                  score_mod=hooks.has_score_mod)
+                                  score_mod=hooks.has_score_mod, entry_gathers=hooks.entry_gathers)
     cap_strides = _captured_args(captured)[1]
     grad_strides = tuple(int(s) for t in captured for s in torch.empty(t.shape, device="meta").stride())
     mode_dkdv = 2 if (any_grad and deterministic) else 0
