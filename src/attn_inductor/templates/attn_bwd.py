@@ -20,7 +20,8 @@ Notation (as in attn_fwd.py, plus)
     BLOCK_M, BLOCK_N    the tiles of the kernel at hand (dK/dV and dQ choose their own)
 
 Kernels
-    _attn_bwd_preprocess   DELTA and LSE_X, one program per (q tile, head, batch).
+    _attn_bwd_preprocess   DELTA, LSE_X (and LSE_C = 0 with a score mod), one program per
+                           (q tile, head, batch).
     _attn_bwd              dK/dV programs and dQ programs (Note [one backward launch]):
       _dkdv_program        a (kv tile, kv head, batch): loops over the GQA_GROUP query
                            heads that share the kv head and, for each, over the q tiles
@@ -120,7 +121,7 @@ HUGE_LSE: tl.constexpr = tl.constexpr(4096.0)  # Note [absorbed rows]: |LSE| fro
 
 @triton.jit
 def _attn_bwd_preprocess(
-    OUT, DO, LSE, DELTA, LSE_X, DEAD,
+    OUT, DO, LSE, DELTA, LSE_X, LSE_C, DEAD,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
@@ -148,6 +149,8 @@ def _attn_bwd_preprocess(
     row = (b64 * HQ + h64) * Q_LEN
     tl.store(DELTA + row + offs_m, delta, mask=q_ok)
     tl.store(LSE_X + row + offs_m, lse_x, mask=q_ok)
+    if not BASE2:  # a score mod: LSE_C starts at 0 (Note [absorbed rows]); the STATS pass may rewrite it
+        tl.store(LSE_C + row + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=q_ok)
     if EMPTY_NAN:  # Note [dead rows in the backward]: flag this (batch, query head, q tile) if a row is dead
         dead = tl.max((q_ok & (lse == float("-inf"))).to(tl.int32), 0)
         tl.store(DEAD + (b64 * HQ + h64) * tl.num_programs(0) + pid_m, dead)

@@ -538,17 +538,21 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     # preprocess: DELTA = rowsum(dO * O), LSE_X = LSE in the kernels' exponent units (+inf on dead rows)
     delta = torch.empty(batch, hq, q_len, dtype=torch.float32, device=device)
     lse_x = torch.empty_like(delta)
-    lse_c = torch.zeros_like(delta) if hooks.has_score_mod else delta  # Note [absorbed rows] in attn_bwd.py
+    # Note [absorbed rows] in attn_bwd.py; the preprocess writes its zeros
+    lse_c = torch.empty_like(delta) if hooks.has_score_mod else delta
     empty_nan = empty_rows == "nan"
     # Note [dead rows in the backward]: one flag per (batch, query head, preprocess tile), all written
     dead = torch.empty(batch, hq, triton_cdiv(q_len, pre_block), dtype=torch.int32, device=device) if empty_nan \
         else delta
+    pre_kwargs = kept.get("preprocess kwargs")
+    if pre_kwargs is None:
+        pre_kwargs = kept["preprocess kwargs"] = dict(
+            HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim),
+            BASE2=not hooks.has_score_mod, GQA_GROUP=gqa_group, EMPTY_NAN=empty_nan)
     _run_kernel(_attn_bwd_preprocess, (triton_cdiv(q_len, pre_block), hq, batch),
-                (out, grad_out, lse, delta, lse_x, dead, *out.stride(), *grad_out.stride(), *lse.stride(), hq,
-                 q_len),
-                dict(HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim),
-                     BASE2=not hooks.has_score_mod, GQA_GROUP=gqa_group, EMPTY_NAN=empty_nan),
-                (kept, "preprocess") if static_site else None)
+                (out, grad_out, lse, delta, lse_x, lse_c, dead, *out.stride(), *grad_out.stride(), *lse.stride(),
+                 hq, q_len),
+                pre_kwargs, (kept, "preprocess") if static_site else None)
 
     cap_ptrs = _captured_args(captured)[0]
     bufs = _grad_buffers(captured, grad_needs, hooks, deterministic, delta)
