@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import math
 import subprocess
 import sys
@@ -245,3 +246,17 @@ def test_opaque_additive_mask_with_fully_minimum_rows_trains_like_eager():
     assert_close_to_reference(out.detach(), ref.detach(), eager.detach(), name="out")
     for i, (a, r, e) in enumerate(zip(ours, x64, xe)):
         assert_close_to_reference(a, r.grad, e.grad, name=f"grad[{i}]")
+
+
+def test_env_reads_follow_os_environ(monkeypatch):
+    """_compat.env (the launch path's policy reads) sees every way of changing the environment."""
+    from attn_inductor import _compat
+
+    name = "ATTN_INDUCTOR_TEST_ENV_READ"
+    assert _compat.env(name) is None and _compat.env(name, "dflt") == "dflt"
+    monkeypatch.setenv(name, "tables")
+    assert _compat.env(name) == "tables"
+    os.environ[name] = "ünïcode"
+    assert _compat.env(name) == "ünïcode"
+    del os.environ[name]
+    assert _compat.env(name, "gone") == "gone"
