@@ -32,6 +32,7 @@ vector header — a C++ compile error.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -137,7 +138,7 @@ def check_training_step(model, inputs: dict, expected_sites: int, expected_refus
 
 
 def _check_llama(sites):
-    assert sites[0].mask == "kv_idx <= q_idx & kwargs.attention_mask[b, kv_idx] != 0"
+    assert sites[0].mask == "kv_idx <= q_idx & attention_mask[b, kv_idx] != 0"
     assert sites[0].gqa_group == 2
 
 
@@ -193,6 +194,17 @@ def test_bloom_alibi_recovered_without_grad():
         assert "0.25 ** " in site.score and "cumsum[" in site.score  # slopes and positions from the mask
 
 
+def _checkpoint_side_effects_skipped():
+    """transformers >= 5.25 with the hub ``kernels`` package sets a context variable in every attention
+    forward; Dynamo refuses that side effect inside a checkpoint body unless told not to replay it in the
+    recomputation (harmless here: the variable is reset before the layer returns), and without this the
+    checkpointed layers run eagerly, unseen by any backend (docs/hf_status.md)."""
+    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if hasattr(torch._dynamo.config, name):
+        return torch._dynamo.config.patch(**{name: True})
+    return contextlib.nullcontext()
+
+
 def test_gradient_checkpointing():
     """HF gradient checkpointing wraps each layer in torch.utils.checkpoint (every family supports it):
     the softmax is inside each ``tag_activation_checkpoint`` body, rewritten there, with the mask HF
@@ -201,10 +213,11 @@ def test_gradient_checkpointing():
     model, inputs = hf.llama()
     model.activation_checkpointing_enable()  # formerly gradient_checkpointing_enable
     model.train()
-    report = assert_rewritten(model, expected=2, **inputs)
-    assert [s.node.split(".")[0] for s in report.sites] == ["wrap_body_0", "wrap_body_1"]
-    _check_llama(report.sites)
-    check_training_step(model, inputs, 2)
+    with _checkpoint_side_effects_skipped():
+        report = assert_rewritten(model, expected=2, **inputs)
+        assert [s.node.split(".")[0] for s in report.sites] == ["wrap_body_0", "wrap_body_1"]
+        _check_llama(report.sites)
+        check_training_step(model, inputs, 2)
 
 
 # ----------------------------------------------------------------------------- heavier variants
@@ -221,6 +234,11 @@ def test_gradient_checkpointing_every_family(family):
     model, inputs = hf.FACTORIES[family]()
     model.activation_checkpointing_enable()
     model.train()
+    with _checkpoint_side_effects_skipped():
+        _check_checkpointed(family, model, inputs)
+
+
+def _check_checkpointed(family, model, inputs):
     if family != "t5":
         report = assert_rewritten(model, expected=hf.EXPECTED_SITES[family], **inputs)
         assert all(s.node.startswith("wrap_body_") for s in report.sites)

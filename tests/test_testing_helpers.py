@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import attn_inductor
 from attn_inductor.testing import assert_rewritten
 from attn_inductor.testing.cli import EXIT_MISS, EXIT_NUMERICS, EXIT_OK, EXIT_USAGE, load_factory, main
 
@@ -183,3 +184,36 @@ def test_compare_outputs_opens_up_objects_holding_tensors():
     assert compare_outputs(nan.clone(), nan)["ok"]                       # NaN where eager has NaN
     assert not compare_outputs(torch.tensor([0.0, 1.0]), nan)["ok"]
     assert not compare_outputs((k,), (k, k))["ok"]                       # structure differs
+
+
+def test_explain_lists_dynamo_graph_breaks():
+    """Code past a graph break runs in another frame or eagerly: the report says breaks happened, and why."""
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            s = (x @ x.transpose(-1, -2)).softmax(-1)
+            torch._dynamo.graph_break()
+            return s @ x
+
+    report = attn_inductor.explain(Broken(), torch.randn(1, 2, 8, 4))
+    assert len(report.graph_breaks) == 1
+    text = str(report)
+    assert "Dynamo graph breaks: 1" in text
+    assert report.to_dict()["graph_breaks"] == report.graph_breaks
+    clean = attn_inductor.explain(factory("causal")[0], *factory("causal")[1])
+    assert clean.graph_breaks == [] and "graph breaks" not in str(clean)
+
+
+def test_keyword_inputs_are_named_as_passed():
+    """A mask that reaches ``forward(**kwargs)`` is reported under the caller's keyword."""
+
+    class Masked(torch.nn.Module):
+        def forward(self, x, **kwargs):
+            s = x @ x.transpose(-1, -2) * 0.5
+            s = s.masked_fill(kwargs["attention_mask"][:, None, None, :] == 0, float("-inf"))
+            return s.softmax(-1) @ x
+
+    mask = torch.ones(1, 8, dtype=torch.long)
+    report = assert_rewritten(Masked(), torch.randn(1, 2, 8, 4), attention_mask=mask, expected=1)
+    assert report.sites[0].mask.startswith("attention_mask["), report.sites[0].mask
+    assert "kwargs" not in report.sites[0].mask

@@ -97,6 +97,8 @@ def placeholder_source_names(gm: torch.fx.GraphModule) -> list[str | None]:
         s = re.sub(r"^[LG]\['([^']+)'\]", r"\1", raw)
         s = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", s)
         s = re.sub(r"\['([^']+)'\]", r".\1", s)
+        # a keyword argument that reached ``forward(**kwargs)`` is named as the caller wrote it
+        s = re.sub(r"^kwargs\.", "", s)
         names.append(s)
     return names
 

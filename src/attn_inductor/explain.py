@@ -19,6 +19,9 @@ from .report import SiteReport
 @dataclass
 class ExplainReport:
     sites: list[SiteReport] = field(default_factory=list)
+    #: Dynamo's graph-break reasons during the run: code on the far side of a break runs eagerly and is
+    #: never seen by the backend, so an attention there is neither rewritten nor listed as a site
+    graph_breaks: list[str] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -37,6 +40,7 @@ class ExplainReport:
             "num_sites": len(self.sites),
             "num_rewritten": len(self.rewritten),
             "sites": [s.to_dict() for s in self.sites],
+            "graph_breaks": list(self.graph_breaks),
         }
 
     def to_json(self, **kwargs) -> str:
@@ -47,6 +51,7 @@ class ExplainReport:
                  f"{len(self.not_rewritten)} not rewritten"]
         if not self.sites:
             lines.append("  (no softmax found in the compiled graphs)")
+            lines.extend(self._graph_break_lines())
             return "\n".join(lines)
         header = f"  {'#':>3}  {'graph':>5}  {'node':<16} {'status':<14} {'impl':<18} {'Q [B,H,L,D]':<20} " \
                  f"{'K [B,H,L,D]':<20} {'GQA':>3}  {'tiles visited':<14}"
@@ -75,7 +80,20 @@ class ExplainReport:
                         lines.append(f"         {row}")
             else:
                 lines.append(f"         reason: {s.reason}")
+        lines.extend(self._graph_break_lines())
         return "\n".join(lines)
+
+    def _graph_break_lines(self, shown: int = 3) -> list[str]:
+        if not self.graph_breaks:
+            return []
+        lines = [f"  Dynamo graph breaks: {len(self.graph_breaks)} (code past a break runs eagerly: an attention "
+                 "there is not seen; TORCH_LOGS=graph_breaks shows where)"]
+        for reason in self.graph_breaks[:shown]:
+            first = reason.strip().splitlines()[0] if reason.strip() else reason
+            lines.append(f"    - {first[:160]}")
+        if len(self.graph_breaks) > shown:
+            lines.append(f"    ... and {len(self.graph_breaks) - shown} more")
+        return lines
 
 
 def _shape(shape) -> str:
@@ -85,8 +103,18 @@ def _shape(shape) -> str:
 def explain(model, *inputs, options: dict | None = None, **kwargs) -> ExplainReport:
     """Compile ``model`` with the flexattn backend (explain mode), run it once on ``inputs``, report every site."""
     torch._dynamo.reset()
+    breaks = _graph_break_counter()
+    before = dict(breaks)
     with collect_reports() as reports:
         compiled = torch.compile(model, backend=make_backend(options, explain_only=True))
         compiled(*inputs, **kwargs)
     torch._dynamo.reset()
-    return ExplainReport(list(reports))
+    new_breaks = [reason for reason, n in breaks.items() if n > before.get(reason, 0)]
+    return ExplainReport(list(reports), graph_breaks=new_breaks)
+
+
+def _graph_break_counter():
+    """Dynamo's counter of graph-break reasons (the same object in torch 2.11 and 2.13)."""
+    from torch._dynamo.utils import counters
+
+    return counters["graph_break"]

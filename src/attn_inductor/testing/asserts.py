@@ -20,7 +20,9 @@ def rewrite_problems(report: ExplainReport, expected: int | None = None) -> list
     """What is wrong with ``report`` for a "fully rewritten" verdict; empty when nothing is."""
     problems = []
     if not report.sites:
-        problems.append("no attention site found (no softmax in the compiled graphs)")
+        problems.append("no attention site found (no softmax in the compiled graphs"
+                        + (f"; {len(report.graph_breaks)} Dynamo graph break(s)" if report.graph_breaks else "")
+                        + ")")
     missed = report.not_rewritten
     if missed:
         problems.append(f"{len(missed)} of {len(report.sites)} attention site(s) not rewritten")
