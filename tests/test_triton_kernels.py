@@ -701,6 +701,32 @@ def test_launch_plans_follow_the_call_site(monkeypatch):
     torch.testing.assert_close(tiled, causal_out)
 
 
+def test_soft_mask_op_reuses_its_plans(monkeypatch):
+    """A spec with a soft mask derives expressions (the live conjunction, the fallback's shifted score);
+    they are built once per spec, so a repeated call of the op, forward and backward, makes no new launch
+    plan (a fresh expression per call missed every plan and evicted everyone else's)."""
+    from collections import OrderedDict
+
+    from attn_inductor.lowering.spec import AttentionSpec
+    from attn_inductor.ops import default_config
+
+    monkeypatch.setattr(launch, "_plans", OrderedDict())
+    q, k, v, do = _inputs(1, 2, 2, 40, 40, 16, torch.float32)
+    keep = torch.ones(1, 40, dtype=torch.bool)
+    keep[0, 25:] = False  # keys 25.. soft-masked: every row keeps a live entry (key 0)
+    spec = AttentionSpec(score_live=E.score, mask=causal_mask(), soft_mask=E.Load(0, (E.b, E.kv_idx), BOOL),
+                         scale=0.25, num_captured=1)
+    args = (q, k, v, [keep], spec.to_json(), default_config(impl="triton"))
+    assert spec.live_mask is spec.live_mask
+    for _ in range(2):
+        out, lse, lse_fb = torch.ops.attn_inductor.attention.default(*args)
+        torch.ops.attn_inductor.attention_backward.default(q, k, v, out, lse, lse_fb, do, [keep], [False],
+                                                           *args[4:])
+        if _ == 0:
+            made = len(launch._plans)
+    assert made > 0 and len(launch._plans) == made
+
+
 def test_dead_rows_nan_in_the_backward():
     """empty_rows="nan" (Note [dead rows in the backward]): dq NaN on rows with no entry, dk/dv NaN on the
     whole (batch, kv head) such a row reaches, everything else as with "zero" and as the CPU core gives."""

@@ -196,9 +196,7 @@ def _fallback_backward(spec, q, k, v, lse_fallback, grad_out, captured, needs, i
     small and exact.  ``row_select`` limits the extra forward to those rows.
     """
     rows = lse_fallback != -math.inf                          # NaN rows included: NaN must propagate
-    full = spec.full_score
-    shift = E.Load(spec.num_captured, (E.b, E.h, E.q_idx), full.dtype if E.is_float(full.dtype) else "float32")
-    shifted = E.call("sub", full, shift, dtype=shift.dtype)
+    shifted = _shifted_score(spec)
     shifted_captured = [*captured, torch.where(rows, lse_fallback, 0.0)]
     common = dict(scale=spec.scale, gqa_group=spec.gqa_group)
     out_shifted, lse_shifted = impl.core_forward(
@@ -209,6 +207,15 @@ def _fallback_backward(spec, q, k, v, lse_fallback, grad_out, captured, needs, i
         mask=spec.mask, sparsity=_sparsity(impl, spec.mask, q, k, v, captured, backward=True),
         deterministic=deterministic, **common)
     return dq, dk, dv, dcap[:-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _shifted_score(spec: AttentionSpec) -> Expr:
+    """``score_full - shift[b, h, q_idx]`` (the shift is one more captured tensor), built once per spec:
+    launch plans key expressions by identity (Note [launch plans] in templates/launch.py)."""
+    full = spec.full_score
+    shift = E.Load(spec.num_captured, (E.b, E.h, E.q_idx), full.dtype if E.is_float(full.dtype) else "float32")
+    return E.call("sub", full, shift, dtype=shift.dtype)
 
 
 def _nan_like_eager(spec, q, k, lse, lse_fallback, dq, dk, dv, dcap, captured, needs, tensors_done=False):

@@ -69,9 +69,12 @@ class AttentionSpec:
     def full_score(self) -> Expr:
         return self.score_full if self.score_full is not None else self.score_live
 
-    @property
+    @functools.cached_property
     def live_mask(self) -> Expr | None:
-        """The predicate block sparsity is computed from (hard & soft)."""
+        """The predicate block sparsity is computed from (hard & soft).
+
+        Built once per spec: the kernels' launch plans and the sparsity cache key expressions by
+        identity, so a fresh conjunction per call would miss them every time (and evict the rest)."""
         return E.and_(self.mask, self.soft_mask)
 
     @property
