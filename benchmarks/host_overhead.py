@@ -68,8 +68,43 @@ def layers(var, q, k, v, g):
         q.grad = k.grad = v.grad = None
         call_attention(q, k, v, [], spec).backward(g)
 
+    from attn_inductor import ops, runtime
+    impl = launch
+
+    def runtime_fwd():
+        runtime.attention_forward(spec, qd, kd, vd, [], impl)
+
+    def impl_fwd():
+        ops._attention_impl(qd, kd, vd, [], spec_json, cfg)
+
+    def runtime_bwd():
+        runtime.attention_backward(spec, qd, kd, vd, o3, l3, fb3, g, [], [], impl)
+
+    # a soft mask (key padding held as a bool tensor, eager's finfo.min fill): the fallback pass runs too
+    keep = torch.ones(qd.shape[0], kd.shape[2], dtype=torch.bool, device=qd.device)
+    soft = AttentionSpec(score_live=E.score, mask=mask, soft_mask=E.Load(0, (E.b, E.kv_idx), E.BOOL), scale=scale,
+                         num_captured=1)
+    soft_json = soft.to_json()
+    o4, l4, fb4 = torch.ops.attn_inductor.attention(qd, kd, vd, [keep], soft_json, cfg)
+
+    def soft_fwd():
+        torch.ops.attn_inductor.attention(qd, kd, vd, [keep], soft_json, cfg)
+
+    def soft_bwd():
+        torch.ops.attn_inductor.attention_backward(qd, kd, vd, o4, l4, fb4, g, [keep], [False], soft_json, cfg)
+
+    def empty():
+        torch.empty(qd.shape, dtype=qd.dtype, device=qd.device)
+
+    def python_only():  # the host's speed at plain Python, to compare hosts
+        sum(range(200))
+
     for name, step in (("launch.core_forward", core_fwd), ("launch.core_backward", core_bwd),
-                       ("op forward", op_fwd), ("op backward", op_bwd), ("op forward+backward (autograd)", op_fwdbwd)):
+                       ("runtime.attention_forward", runtime_fwd), ("ops._attention_impl", impl_fwd),
+                       ("runtime.attention_backward", runtime_bwd),
+                       ("op forward", op_fwd), ("op backward", op_bwd), ("op forward+backward (autograd)", op_fwdbwd),
+                       ("op forward, soft mask", soft_fwd), ("op backward, soft mask", soft_bwd),
+                       ("torch.empty like q", empty), ("python sum(range(200))", python_only)):
         def synced():
             step()
             torch.cuda.synchronize()
