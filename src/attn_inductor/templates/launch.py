@@ -480,6 +480,24 @@ def _grad_buffers(captured, needs, hooks, deterministic: bool, dummy: torch.Tens
     return bufs
 
 
+def _row_buffers(batch: int, hq: int, q_len: int, pre_block: int, with_lse_c: bool, with_dead: bool, device):
+    """DELTA, LSE_X, LSE_C and DEAD as views of one fp32 allocation (a CUDA allocation costs the host
+    several times a view).  Each starts on a 64-byte boundary, keeping the kernels' 16-byte
+    specialisation; LSE_C and DEAD alias DELTA when they are not used."""
+    rows = batch * hq * q_len
+    seg = -(-rows // 16) * 16
+    tiles = triton_cdiv(q_len, pre_block)
+    n_dead = batch * hq * tiles if with_dead else 0
+    n_seg = 3 if with_lse_c else 2
+    buf = torch.empty(n_seg * seg + n_dead, dtype=torch.float32, device=device)
+    shape, strides = (batch, hq, q_len), (hq * q_len, q_len, 1)
+    delta = buf.as_strided(shape, strides, 0)
+    lse_x = buf.as_strided(shape, strides, seg)
+    lse_c = buf.as_strided(shape, strides, 2 * seg) if with_lse_c else delta
+    dead = buf[n_seg * seg:].view(torch.int32).view(batch, hq, tiles) if with_dead else delta
+    return delta, lse_x, lse_c, dead
+
+
 def _decode_fixed_point(grad_f: torch.Tensor, fixed: torch.Tensor, max_bits: torch.Tensor,
                         count: torch.Tensor) -> torch.Tensor:
     """The host half of Note [captured gradients]: fixed-point sums back to floats.
@@ -535,15 +553,11 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     static_site = kept["static"]  # Note [static launches]
     any_grad = any(grad_needs)
 
-    # preprocess: DELTA = rowsum(dO * O), LSE_X = LSE in the kernels' exponent units (+inf on dead rows)
-    delta = torch.empty(batch, hq, q_len, dtype=torch.float32, device=device)
-    lse_x = torch.empty_like(delta)
-    # Note [absorbed rows] in attn_bwd.py; the preprocess writes its zeros
-    lse_c = torch.empty_like(delta) if hooks.has_score_mod else delta
+    # preprocess: DELTA = rowsum(dO * O), LSE_X = LSE in the kernels' exponent units (+inf on dead rows),
+    # LSE_C (Note [absorbed rows] in attn_bwd.py; the preprocess writes its zeros) and the DEAD flags (Note
+    # [dead rows in the backward]: one per (batch, query head, preprocess tile), all written): one allocation
     empty_nan = empty_rows == "nan"
-    # Note [dead rows in the backward]: one flag per (batch, query head, preprocess tile), all written
-    dead = torch.empty(batch, hq, triton_cdiv(q_len, pre_block), dtype=torch.int32, device=device) if empty_nan \
-        else delta
+    delta, lse_x, lse_c, dead = _row_buffers(batch, hq, q_len, pre_block, hooks.has_score_mod, empty_nan, device)
     pre_kwargs = kept.get("preprocess kwargs")
     if pre_kwargs is None:
         pre_kwargs = kept["preprocess kwargs"] = dict(
