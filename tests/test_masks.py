@@ -499,6 +499,80 @@ def test_cache_is_bounded_and_clearable():
     assert len(block_sparsity._cache) == 0
 
 
+# ----------------------------------------------------------------------------- Note [changing mask tensors]
+
+
+def _padded_causal():
+    """HF's padding mask as the matcher recovers it: causal & attention_mask[b, kv_idx] != 0."""
+    return call("and", CAUSAL, call("ne", E.Load(0, (b, kv), I64), c(0)))
+
+
+def _padding(batch, kv_len, pads):
+    m = torch.ones(batch, kv_len, dtype=torch.int64)
+    for i, p in enumerate(pads):
+        if p:
+            m[i, :p] = 0  # left padding
+    return m
+
+
+def _sound(bs, pred, captured, **args):
+    """FULL and EMPTY only where the brute-force truth says so (PARTIAL is always allowed)."""
+    truth = true_block_map(pred, captured=captured, **args).expand(args["batch"], args["heads"], -1, -1)
+    got = bs.block_map().expand_as(truth)
+    assert bool(((got == PARTIAL) | (got == truth)).all())
+
+
+def test_changing_mask_tensors_stop_reading_values(monkeypatch):
+    """``on_change="unknown_loads"``: the first tensor at a call site is classified exactly; once the site
+    sees another, its misses use a map with every load unknown (no tensor read), the same object each
+    time; the first tensor still hits its exact entry."""
+    clear_block_sparsity_cache()
+    pred = _padded_causal()
+    args = dict(batch=2, heads=1, q_len=128, kv_len=128, block_m=32, block_n=32)
+    first = _padding(2, 128, [40, 0])
+    exact = get_block_sparsity(pred, captured=[first], device="cpu", on_change="unknown_loads", **args)
+    assert torch.equal(exact.block_map(), true_block_map(pred, captured=[first], **args))
+    assert (exact.block_map()[0, 0, :, 0] == EMPTY).all()  # the padded first keys of row 0: skipped
+
+    def no_reads(*a, **k):
+        raise AssertionError("a loads-unknown classification read a captured tensor")
+
+    monkeypatch.setattr(intervals, "load_bounds", no_reads)
+    later = [get_block_sparsity(pred, captured=[_padding(2, 128, [p, 7])], device="cpu",
+                                on_change="unknown_loads", **args) for p in (0, 100, 33)]
+    assert later[0] is later[1] is later[2]  # stable: plans holding these tables are reused
+    causal_only = later[0].block_map()
+    assert causal_only.shape[:2] == (1, 1)  # b appears only inside the load: one map for every batch
+    nq = causal_only.shape[-1]
+    upper = torch.ones(nq, nq, dtype=torch.bool).triu(1)
+    assert (causal_only[0, 0][upper] == EMPTY).all() and (causal_only[0, 0][~upper] == PARTIAL).all()
+    for p in (0, 100, 33):
+        padding = _padding(2, 128, [p, 7])
+        _sound(later[0], pred, [padding], **args)
+    assert get_block_sparsity(pred, captured=[first], device="cpu", on_change="unknown_loads", **args) is exact
+    # the default (explain, and the tests above) stays exact for every tensor
+    monkeypatch.undo()
+    other = _padding(2, 128, [0, 100])
+    assert torch.equal(get_block_sparsity(pred, captured=[other], device="cpu", **args).block_map(),
+                       true_block_map(pred, captured=[other], **args))
+
+
+def test_inference_tensors_classified_exactly_once():
+    """An inference tensor has no version counter, so it is never cached: the site's first call is exact,
+    later calls use the loads-unknown map."""
+    clear_block_sparsity_cache()
+    args = dict(batch=1, heads=1, q_len=96, kv_len=96, block_m=32, block_n=32)
+    with torch.inference_mode():
+        docs = document_ids([32, 64])
+    exact = get_block_sparsity(same_document(), captured=[docs], device="cpu", on_change="unknown_loads", **args)
+    assert torch.equal(exact.block_map(), true_block_map(same_document(), captured=[docs], **args))
+    again = get_block_sparsity(same_document(), captured=[docs], device="cpu", on_change="unknown_loads", **args)
+    assert again is not exact and (again.block_map() == PARTIAL).all()
+    _sound(again, same_document(), [docs], **args)
+    with pytest.raises(ValueError, match="on_change"):
+        get_block_sparsity(same_document(), captured=[docs], device="cpu", on_change="sometimes", **args)
+
+
 def test_no_mask_is_dense_full():
     bs = get_block_sparsity(None, batch=2, heads=2, q_len=100, kv_len=70, captured=[], block_m=32, block_n=32,
                             device="cpu")

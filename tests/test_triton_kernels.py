@@ -727,6 +727,39 @@ def test_soft_mask_op_reuses_its_plans(monkeypatch):
     assert made > 0 and len(launch._plans) == made
 
 
+def test_changing_padding_masks_keep_their_plans(monkeypatch):
+    """A padding mask that is a new tensor every call (Note [changing mask tensors]): from the second
+    tensor on, the site's tables are the loads-unknown ones, one object, so the launch plans are reused;
+    results equal the CPU implementation's for every mask."""
+    from collections import OrderedDict
+
+    from attn_inductor.lowering.spec import AttentionSpec
+    from attn_inductor.masks.block_sparsity import clear_block_sparsity_cache
+    from attn_inductor.ops import default_config
+
+    clear_block_sparsity_cache()
+    monkeypatch.setattr(launch, "_plans", OrderedDict())
+    q, k, v, do = _inputs(2, 2, 2, 40, 40, 16, torch.float32)
+    mask = E.and_(causal_mask(), E.call("ne", E.Load(0, (E.b, E.kv_idx), E.INT64), E.const(0, E.INT64),
+                                        dtype=BOOL))
+    spec = AttentionSpec(score_live=E.score, mask=mask, scale=0.25, num_captured=1).to_json()
+    counts = []
+    for right_pad in (0, 9, 17, 30):
+        keep = torch.ones(2, 40, dtype=torch.int64)
+        keep[1, 40 - right_pad:] = 0
+        got = torch.ops.attn_inductor.attention.default(q, k, v, [keep], spec, default_config(impl="triton"))
+        grads = torch.ops.attn_inductor.attention_backward.default(q, k, v, *got, do, [keep], [False], spec,
+                                                                   default_config(impl="triton"))
+        want = torch.ops.attn_inductor.attention.default(q, k, v, [keep], spec, default_config(impl="cpu"))
+        want_grads = torch.ops.attn_inductor.attention_backward.default(q, k, v, *want, do, [keep], [False], spec,
+                                                                        default_config(impl="cpu"))
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads[:3], want_grads[:3]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        counts.append(len(launch._plans))
+    assert counts[1] > counts[0] and counts[3] == counts[2] == counts[1], counts
+
+
 def test_dead_rows_nan_in_the_backward():
     """empty_rows="nan" (Note [dead rows in the backward]): dq NaN on rows with no entry, dk/dv NaN on the
     whole (batch, kv head) such a row reaches, everything else as with "zero" and as the CPU core gives."""

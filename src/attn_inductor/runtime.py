@@ -58,8 +58,10 @@ def block_sparsity_for(pred: Expr | None, q, k, captured, block_m: int, block_n:
         from .masks.block_sparsity import get_block_sparsity
     except ImportError:  # masks/ has not grown the analysis yet: every tile PARTIAL is always sound
         return dense(block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len, device=q.device, kind=PARTIAL)
+    # a mask tensor that changes from call to call (padding) is not re-read on the host every call:
+    # Note [changing mask tensors] in masks/block_sparsity.py
     return get_block_sparsity(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
-                              block_m=block_m, block_n=block_n, device=q.device)
+                              block_m=block_m, block_n=block_n, device=q.device, on_change="unknown_loads")
 
 
 def _sparsity(impl, pred, q, k, v, captured, backward: bool) -> BlockSparsity | None:

@@ -113,7 +113,7 @@ def _dense_cached(block_m: int, block_n: int, q_len: int, kv_len: int, device: s
 
 
 def classify_blocks(pred, *, batch: int, heads: int, q_len: int, kv_len: int, captured, block_m: int,
-                    block_n: int, device) -> BlockSparsity:
+                    block_n: int, device, unknown_loads: bool = False) -> BlockSparsity:
     """Classify every tile of a bool predicate by interval evaluation (see ``intervals.py``).
 
     ``pred`` is a bool ``Expr`` or None (no mask: every tile FULL).  The map is
@@ -123,7 +123,7 @@ def classify_blocks(pred, *, batch: int, heads: int, q_len: int, kv_len: int, ca
     """
     if pred is None:
         return dense(block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len, device=device, kind=FULL)
-    symbols = E.free_symbols(pred)
+    symbols = E.free_symbols(pred) if not unknown_loads else _index_symbols(pred)
     bm = batch if "b" in symbols else 1
     hm = heads if "h" in symbols else 1
     nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
@@ -132,7 +132,7 @@ def classify_blocks(pred, *, batch: int, heads: int, q_len: int, kv_len: int, ca
         return from_block_map(empty, block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)
     box = intervals.tile_box(batch=bm, heads=hm, q_len=q_len, kv_len=kv_len,
                              block_m=block_m, block_n=block_n, device=device)
-    truth = intervals.bound_predicate(pred, box, captured, device=device)
+    truth = intervals.bound_predicate(pred, box, captured, device=device, unknown_loads=unknown_loads)
     must, may = truth.must.expand(bm, hm, nq, nk), truth.may.expand(bm, hm, nq, nk)
     # must & ~may cannot happen for a sound analysis of a non-empty tile; PARTIAL is the safe reading
     block_map = torch.full((bm, hm, nq, nk), PARTIAL, dtype=torch.int8, device=device)
@@ -169,15 +169,63 @@ def _buffers(pred) -> tuple[int, ...]:
     return tuple(sorted({load.buffer for load in E.loads(pred)})) if pred is not None else ()
 
 
+# Note [changing mask tensors]
+#   Classifying a predicate that loads captured tensors reads their values:
+#   a dozen small launches and several device-to-host syncs, each of which
+#   stalls the host until the GPU has finished everything queued before it.
+#   Right for a constant buffer (document ids held by the model), classified
+#   once and cached; ruinous for a padding mask that is a new tensor every
+#   batch.  So with ``on_change="unknown_loads"`` (what the runtime asks for),
+#   a call site (predicate, shapes, blocks, device) is classified exactly the
+#   first time only; once it misses its cache entry with other tensors (a new
+#   object, an in-place change, or an inference tensor, which has no version
+#   to key on), it is classified with every load unknown: the index-only part
+#   of the predicate still gives EMPTY tiles (causal, windows), every other
+#   tile is PARTIAL and the kernel evaluates the mask there.  Sound, no sync,
+#   and cached by value, so the launch plans that hold the tables are reused.
+#   A hit (the very tensor object, same version) still gets the exact map;
+#   ``on_change="exact"`` (explain, tests) classifies exactly every time.
+_SITES_MAX = 256
+_sites: "OrderedDict[tuple, bool]" = OrderedDict()  # call site -> its loads have changed
+
+
+def _index_symbols(pred) -> set:
+    """The index symbols ``pred`` uses outside loads (what a loads-unknown classification depends on)."""
+    found: set = set()
+
+    def walk(e):
+        if isinstance(e, E.Index):
+            found.add(e.name)
+        elif isinstance(e, E.Call):
+            for a in e.args:
+                walk(a)
+    walk(pred)
+    return found
+
+
+@functools.lru_cache(maxsize=128)
+def _loads_unknown(pred, batch: int, heads: int, q_len: int, kv_len: int, block_m: int, block_n: int,
+                   device: str) -> BlockSparsity:
+    return classify_blocks(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=(),
+                           block_m=block_m, block_n=block_n, device=device, unknown_loads=True)
+
+
 def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int, captured, block_m: int,
-                       block_n: int, device) -> BlockSparsity:
-    """Cached :func:`classify_blocks`; see Note [block sparsity cache keys]."""
+                       block_n: int, device, on_change: str = "exact") -> BlockSparsity:
+    """Cached :func:`classify_blocks`; see Notes [block sparsity cache keys] and [changing mask tensors]."""
+    if on_change not in ("exact", "unknown_loads"):
+        raise ValueError(f"on_change must be 'exact' or 'unknown_loads', got {on_change!r}")
     buffers = _buffers(pred)
     tensor_keys = tuple(_tensor_key(captured[i]) for i in buffers)
+    device = torch.device(device)
+    site = (pred, batch, heads, q_len, kv_len, block_m, block_n, device)
     if None in tensor_keys:
+        if on_change == "unknown_loads" and site in _sites:
+            return _loads_unknown(pred, batch, heads, q_len, kv_len, block_m, block_n, str(device))
+        _remember_site(site, changed=True)
         return classify_blocks(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
                                block_m=block_m, block_n=block_n, device=device)
-    key = (pred, batch, heads, q_len, kv_len, block_m, block_n, torch.device(device), buffers, tensor_keys)
+    key = site + (buffers, tensor_keys)
     hit = _cache.get(key)
     if hit is not None:
         refs, bs = hit
@@ -185,6 +233,11 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
             _cache.move_to_end(key)
             return bs
         del _cache[key]  # an id reused by a new object
+    if on_change == "unknown_loads" and buffers and _sites.get(site) is not None:
+        _sites[site] = True
+        return _loads_unknown(pred, batch, heads, q_len, kv_len, block_m, block_n, str(device))
+    if buffers:
+        _remember_site(site, changed=False)
     args = dict(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
                 block_m=block_m, block_n=block_n, device=device)
     bs = classify_blocks(pred, **args)
@@ -194,8 +247,17 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
     return bs
 
 
+def _remember_site(site: tuple, changed: bool) -> None:
+    _sites[site] = changed or _sites.get(site, False)
+    _sites.move_to_end(site)
+    while len(_sites) > _SITES_MAX:
+        _sites.popitem(last=False)
+
+
 def clear_block_sparsity_cache() -> None:
     _cache.clear()
+    _sites.clear()
+    _loads_unknown.cache_clear()
 
 
 # ----------------------------------------------------------------------------- explain

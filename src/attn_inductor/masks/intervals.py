@@ -576,14 +576,16 @@ def _proxy(e: Expr, memo: dict) -> torch.Tensor:
 
 
 def bound(expr: Expr, box: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-          captured: Sequence[torch.Tensor] = (), *, device=None, budget: int | None = None) -> Bounds:
+          captured: Sequence[torch.Tensor] = (), *, device=None, budget: int | None = None,
+          unknown_loads: bool = False) -> Bounds:
     """Sound bounds of ``expr`` with each index in ``box[name] = (lo, hi)`` (int64, inclusive).
 
-    Captured tensors are moved to ``device`` (default: the box's device).
+    Captured tensors are moved to ``device`` (default: the box's device).  ``unknown_loads``: every
+    load is bounded by its dtype's whole range, without reading the tensor (no device sync).
     """
     if device is None:
         device = next(iter(box.values()))[0].device if box else torch.device("cpu")
-    return _Bounder(box, captured, device, budget).bound(expr)
+    return _Bounder(box, captured, device, budget, unknown_loads).bound(expr)
 
 
 class _Bounder:
@@ -591,8 +593,9 @@ class _Bounder:
     reference cycle that would keep every intermediate tensor (and the captured
     tensors) alive until the garbage collector runs."""
 
-    def __init__(self, box, captured, device, budget):
+    def __init__(self, box, captured, device, budget, unknown_loads=False):
         self.box, self.captured, self.device, self.budget = box, captured, device, budget
+        self.unknown_loads = unknown_loads
         self.memo: dict[Expr, Bounds] = {}
         self.dims: dict[Expr, bool] = {}
 
@@ -607,6 +610,8 @@ class _Bounder:
                                            torch.int64), td)
         elif isinstance(e, Const):
             out = point(torch.tensor(e.value, dtype=td, device=self.device))
+        elif isinstance(e, Load) and self.unknown_loads:
+            out = widest(td, self.device)
         elif isinstance(e, Load):
             tensor = self.captured[e.buffer].to(self.device)
             idx = [_as_interval(self.bound(i), torch.int64) for i in e.indices]
