@@ -522,53 +522,99 @@ def _sound(bs, pred, captured, **args):
     assert bool(((got == PARTIAL) | (got == truth)).all())
 
 
-def test_changing_mask_tensors_stop_reading_values(monkeypatch):
-    """``on_change="unknown_loads"``: the first tensor at a call site is classified exactly; once the site
-    sees another, its misses use a map with every load unknown (no tensor read), the same object each
-    time; the first tensor still hits its exact entry."""
+def test_padding_and_document_masks_classified_without_host_reads(monkeypatch):
+    """Loads at plain indices (``pad[b, kv_idx]``, ``doc[q_idx]``) are bounded per tile by device ops
+    alone (``intervals._tile_load_bounds``): every new tensor is classified exactly, and the general
+    ``load_bounds`` (which syncs) is never called."""
     clear_block_sparsity_cache()
+
+    def no_reads(*a, **k):
+        raise AssertionError("load_bounds (host syncs) was used for a load at plain indices")
+
+    monkeypatch.setattr(intervals, "load_bounds", no_reads)
+    args = dict(batch=2, heads=1, q_len=128, kv_len=120, block_m=32, block_n=32)
     pred = _padded_causal()
-    args = dict(batch=2, heads=1, q_len=128, kv_len=128, block_m=32, block_n=32)
-    first = _padding(2, 128, [40, 0])
+    for pads in ([40, 0], [0, 100], [33, 7]):
+        padding = _padding(2, 120, pads)
+        got = get_block_sparsity(pred, captured=[padding], device="cpu", on_change="unknown_loads", **args)
+        assert torch.equal(got.block_map(), true_block_map(pred, captured=[padding], **args)), pads
+    assert (got.block_map()[0, 0, :, 0] == EMPTY).all()  # keys 0..32 padded in row 0: never visited
+    bool_pad = _padding(2, 120, [50, 0]).bool()
+    bool_pred = call("and", CAUSAL, E.Load(0, (b, kv), BOOL))
+    assert torch.equal(classify_blocks(bool_pred, captured=[bool_pad], device="cpu", **args).block_map(),
+                       true_block_map(bool_pred, captured=[bool_pad], **args))
+    for lengths in ([100, 28], [1, 127], [64, 64]):
+        docs = document_ids(lengths)
+        args1 = dict(args, batch=1, kv_len=128)
+        got = get_block_sparsity(same_document(), captured=[docs], device="cpu", on_change="unknown_loads", **args1)
+        assert torch.equal(got.block_map(), true_block_map(same_document(), captured=[docs], **args1)), lengths
+    # a float table with NaN: that tile's bounds are unknown, never a wrong FULL/EMPTY
+    scores = torch.zeros(128)
+    scores[70] = math.nan
+    gt = call("gt", E.Load(0, (kv,), F32), E.const(-1.0, F32))
+    args1 = dict(args, batch=1, kv_len=128)
+    got = classify_blocks(gt, captured=[scores], device="cpu", **args1).block_map()
+    assert (got[..., 2] == PARTIAL).all() and (got[..., [0, 1, 3]] == FULL).all()
+
+
+def _gathered_band():
+    """A load that is not at plain indices: allowed[q_idx - kv_idx + 127] (a banded table)."""
+    return call("and", CAUSAL, E.Load(0, (add(sub(q, kv), 127),), BOOL))
+
+
+def test_changing_gathered_mask_tensors_stop_reading_values(monkeypatch):
+    """``on_change="unknown_loads"`` for loads that need ``load_bounds``: the first tensor at a call site
+    is classified exactly; once the site sees another, its misses use a map with every load unknown (no
+    tensor read), the same object each time; the first tensor still hits its exact entry."""
+    clear_block_sparsity_cache()
+    pred = _gathered_band()
+    args = dict(batch=1, heads=1, q_len=128, kv_len=128, block_m=32, block_n=32)
+
+    def band(width):
+        return torch.arange(255) - 127 < width
+
+    first = band(40)
     exact = get_block_sparsity(pred, captured=[first], device="cpu", on_change="unknown_loads", **args)
     assert torch.equal(exact.block_map(), true_block_map(pred, captured=[first], **args))
-    assert (exact.block_map()[0, 0, :, 0] == EMPTY).all()  # the padded first keys of row 0: skipped
 
     def no_reads(*a, **k):
         raise AssertionError("a loads-unknown classification read a captured tensor")
 
     monkeypatch.setattr(intervals, "load_bounds", no_reads)
-    later = [get_block_sparsity(pred, captured=[_padding(2, 128, [p, 7])], device="cpu",
-                                on_change="unknown_loads", **args) for p in (0, 100, 33)]
+    later = [get_block_sparsity(pred, captured=[band(w)], device="cpu", on_change="unknown_loads", **args)
+             for w in (10, 100, 33)]
     assert later[0] is later[1] is later[2]  # stable: plans holding these tables are reused
-    causal_only = later[0].block_map()
-    assert causal_only.shape[:2] == (1, 1)  # b appears only inside the load: one map for every batch
-    nq = causal_only.shape[-1]
+    nq = later[0].block_map().shape[-1]
     upper = torch.ones(nq, nq, dtype=torch.bool).triu(1)
-    assert (causal_only[0, 0][upper] == EMPTY).all() and (causal_only[0, 0][~upper] == PARTIAL).all()
-    for p in (0, 100, 33):
-        padding = _padding(2, 128, [p, 7])
-        _sound(later[0], pred, [padding], **args)
+    assert (later[0].block_map()[0, 0][upper] == EMPTY).all()
+    assert (later[0].block_map()[0, 0][~upper] == PARTIAL).all()
+    for w in (10, 100, 33):
+        _sound(later[0], pred, [band(w)], **args)
     assert get_block_sparsity(pred, captured=[first], device="cpu", on_change="unknown_loads", **args) is exact
     # the default (explain, and the tests above) stays exact for every tensor
     monkeypatch.undo()
-    other = _padding(2, 128, [0, 100])
+    other = band(70)
     assert torch.equal(get_block_sparsity(pred, captured=[other], device="cpu", **args).block_map(),
                        true_block_map(pred, captured=[other], **args))
 
 
-def test_inference_tensors_classified_exactly_once():
-    """An inference tensor has no version counter, so it is never cached: the site's first call is exact,
-    later calls use the loads-unknown map."""
+def test_inference_tensors():
+    """An inference tensor has no version counter, so it is never cached: plain-index loads are classified
+    exactly every call; a gathered load exactly on the site's first call, with loads unknown later."""
     clear_block_sparsity_cache()
     args = dict(batch=1, heads=1, q_len=96, kv_len=96, block_m=32, block_n=32)
     with torch.inference_mode():
         docs = document_ids([32, 64])
-    exact = get_block_sparsity(same_document(), captured=[docs], device="cpu", on_change="unknown_loads", **args)
-    assert torch.equal(exact.block_map(), true_block_map(same_document(), captured=[docs], **args))
-    again = get_block_sparsity(same_document(), captured=[docs], device="cpu", on_change="unknown_loads", **args)
-    assert again is not exact and (again.block_map() == PARTIAL).all()
-    _sound(again, same_document(), [docs], **args)
+        allowed = torch.arange(255) - 127 < 20
+    for _ in range(2):
+        got = get_block_sparsity(same_document(), captured=[docs], device="cpu", on_change="unknown_loads", **args)
+        assert torch.equal(got.block_map(), true_block_map(same_document(), captured=[docs], **args))
+    pred = _gathered_band()
+    exact = get_block_sparsity(pred, captured=[allowed], device="cpu", on_change="unknown_loads", **args)
+    assert torch.equal(exact.block_map(), true_block_map(pred, captured=[allowed], **args))
+    again = get_block_sparsity(pred, captured=[allowed], device="cpu", on_change="unknown_loads", **args)
+    assert again is not exact and not bool((again.block_map() == FULL).any())
+    _sound(again, pred, [allowed], **args)
     with pytest.raises(ValueError, match="on_change"):
         get_block_sparsity(same_document(), captured=[docs], device="cpu", on_change="sometimes", **args)
 

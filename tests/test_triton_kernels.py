@@ -728,9 +728,9 @@ def test_soft_mask_op_reuses_its_plans(monkeypatch):
 
 
 def test_changing_padding_masks_keep_their_plans(monkeypatch):
-    """A padding mask that is a new tensor every call (Note [changing mask tensors]): from the second
-    tensor on, the site's tables are the loads-unknown ones, one object, so the launch plans are reused;
-    results equal the CPU implementation's for every mask."""
+    """A padding mask that is a new tensor every call (Note [changing mask tensors]) is classified exactly
+    every call, into new tables of the same layout: the launch plans made by the first call are reused
+    (Note [launch plans]), and results equal the CPU implementation's for every mask."""
     from collections import OrderedDict
 
     from attn_inductor.lowering.spec import AttentionSpec
@@ -757,7 +757,7 @@ def test_changing_padding_masks_keep_their_plans(monkeypatch):
         for a, b in zip(grads[:3], want_grads[:3]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         counts.append(len(launch._plans))
-    assert counts[1] > counts[0] and counts[3] == counts[2] == counts[1], counts
+    assert counts[0] > 0 and counts == [counts[0]] * 4, counts
 
 
 def test_dead_rows_nan_in_the_backward():

@@ -129,6 +129,11 @@ def _fill_sparsity(rep: SiteReport, m: AttentionMatch, real_inputs: dict, device
         except Exception:  # noqa: BLE001
             rep.block_map = None
         if needed:
-            rep.sparsity_note = "from the example inputs; a tensor that changes between calls gets index-only tile skipping"
+            from .masks.block_sparsity import _loads_aligned
+
+            rep.sparsity_note = ("from the example inputs; recomputed on the device when the tensor changes"
+                                 if _loads_aligned(pred) else
+                                 "from the example inputs; a tensor that changes between calls gets index-only "
+                                 "tile skipping")
     except Exception as exc:  # noqa: BLE001
         rep.sparsity_note = f"sparsity not computed: {type(exc).__name__}: {exc}"

@@ -135,9 +135,8 @@ def classify_blocks(pred, *, batch: int, heads: int, q_len: int, kv_len: int, ca
     truth = intervals.bound_predicate(pred, box, captured, device=device, unknown_loads=unknown_loads)
     must, may = truth.must.expand(bm, hm, nq, nk), truth.may.expand(bm, hm, nq, nk)
     # must & ~may cannot happen for a sound analysis of a non-empty tile; PARTIAL is the safe reading
-    block_map = torch.full((bm, hm, nq, nk), PARTIAL, dtype=torch.int8, device=device)
-    block_map[must & may] = FULL
-    block_map[~may & ~must] = EMPTY
+    # torch.where, not masked assignment: a boolean index_put syncs with the device
+    block_map = torch.where(must & may, FULL, torch.where(~may & ~must, EMPTY, PARTIAL)).to(torch.int8)
     return from_block_map(block_map, block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)
 
 
@@ -170,21 +169,26 @@ def _buffers(pred) -> tuple[int, ...]:
 
 
 # Note [changing mask tensors]
-#   Classifying a predicate that loads captured tensors reads their values:
-#   a dozen small launches and several device-to-host syncs, each of which
-#   stalls the host until the GPU has finished everything queued before it.
-#   Right for a constant buffer (document ids held by the model), classified
-#   once and cached; ruinous for a padding mask that is a new tensor every
-#   batch.  So with ``on_change="unknown_loads"`` (what the runtime asks for),
-#   a call site (predicate, shapes, blocks, device) is classified exactly the
-#   first time only; once it misses its cache entry with other tensors (a new
+#   A predicate whose loads are indexed by plain indices (``pad[b, kv_idx]``,
+#   ``doc[q_idx] == doc[kv_idx]``: padding and document masks) is classified
+#   by a few small device ops with no value read on the host
+#   (``intervals._tile_load_bounds``), so a tensor that changes every call
+#   (a padding mask per batch) is classified exactly every call, on the
+#   stream, at the cost of those launches.  Any other load (a gather at
+#   ``q_idx - kv_idx``, say) needs ``load_bounds``: several device-to-host
+#   syncs, each of which stalls the host until the GPU has finished
+#   everything queued before it.  Right for a constant buffer, classified once
+#   and cached; ruinous for a tensor that changes every call.  So with
+#   ``on_change="unknown_loads"`` (what the runtime asks for), such a call
+#   site (predicate, shapes, blocks, device) is classified exactly the first
+#   time only; once it misses its cache entry with other tensors (a new
 #   object, an in-place change, or an inference tensor, which has no version
 #   to key on), it is classified with every load unknown: the index-only part
 #   of the predicate still gives EMPTY tiles (causal, windows), every other
 #   tile is PARTIAL and the kernel evaluates the mask there.  Sound, no sync,
-#   and cached by value, so the launch plans that hold the tables are reused.
-#   A hit (the very tensor object, same version) still gets the exact map;
-#   ``on_change="exact"`` (explain, tests) classifies exactly every time.
+#   and cached by value.  A hit (the very tensor object, same version) still
+#   gets the exact map; ``on_change="exact"`` (explain, tests) classifies
+#   exactly every time.
 _SITES_MAX = 256
 _sites: "OrderedDict[tuple, bool]" = OrderedDict()  # call site -> its loads have changed
 
@@ -201,6 +205,14 @@ def _index_symbols(pred) -> set:
                 walk(a)
     walk(pred)
     return found
+
+
+@functools.lru_cache(maxsize=256)
+def _loads_aligned(pred) -> bool:
+    """Every load is indexed by distinct plain indices (``pad[b, kv_idx]``, ``doc[q_idx]``): its tiles
+    are bounded by a reshape and a min/max, with no device sync (``intervals._tile_load_bounds``)."""
+    return all(all(isinstance(i, E.Index) for i in ld.indices) and len({i.name for i in ld.indices}) == len(ld.indices)
+               for ld in E.loads(pred))
 
 
 @functools.lru_cache(maxsize=128)
@@ -220,7 +232,7 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
     device = torch.device(device)
     site = (pred, batch, heads, q_len, kv_len, block_m, block_n, device)
     if None in tensor_keys:
-        if on_change == "unknown_loads" and site in _sites:
+        if on_change == "unknown_loads" and not _loads_aligned(pred) and site in _sites:
             return _loads_unknown(pred, batch, heads, q_len, kv_len, block_m, block_n, str(device))
         _remember_site(site, changed=True)
         return classify_blocks(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
@@ -233,7 +245,7 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
             _cache.move_to_end(key)
             return bs
         del _cache[key]  # an id reused by a new object
-    if on_change == "unknown_loads" and buffers and _sites.get(site) is not None:
+    if on_change == "unknown_loads" and buffers and not _loads_aligned(pred) and _sites.get(site) is not None:
         _sites[site] = True
         return _loads_unknown(pred, batch, heads, q_len, kv_len, block_m, block_n, str(device))
     if buffers:

@@ -614,8 +614,12 @@ class _Bounder:
             out = widest(td, self.device)
         elif isinstance(e, Load):
             tensor = self.captured[e.buffer].to(self.device)
-            idx = [_as_interval(self.bound(i), torch.int64) for i in e.indices]
-            out = convert(load_bounds(tensor, idx, budget=self.budget), td)
+            aligned = _tile_load_bounds(tensor, e.indices, getattr(self.box, "geometry", None))
+            if aligned is not None:
+                out = convert(aligned, td)
+            else:
+                idx = [_as_interval(self.bound(i), torch.int64) for i in e.indices]
+                out = convert(load_bounds(tensor, idx, budget=self.budget), td)
         elif isinstance(e, Call):
             out = self.call(e, td)
         else:  # Score and anything new: unknown
@@ -654,8 +658,15 @@ def bound_predicate(pred: Expr, box: Mapping[str, tuple[torch.Tensor, torch.Tens
         return _as_truth(bound(pred, box, captured, **kwargs))
 
 
+class TileBox(dict):
+    """``tile_box``'s index boxes, plus ``geometry``: per index, (block, extent, grid dim), which lets a
+    load indexed by plain indices be bounded per tile by a reshape and a min/max (``_tile_load_bounds``)."""
+
+    geometry: dict
+
+
 def tile_box(*, batch: int, heads: int, q_len: int, kv_len: int, block_m: int, block_n: int,
-             device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+             device) -> TileBox:
     """Index boxes of every tile, shaped to broadcast to [batch, heads, NQ, NK].
 
     ``b``/``h`` are points; ``q_idx``/``kv_idx`` cover only the in-range part of a block.
@@ -665,9 +676,55 @@ def tile_box(*, batch: int, heads: int, q_len: int, kv_len: int, block_m: int, b
     hs = torch.arange(heads, device=device).view(1, -1, 1, 1)
     q0 = torch.arange(nq, device=device).view(1, 1, -1, 1) * block_m
     k0 = torch.arange(nk, device=device).view(1, 1, 1, -1) * block_n
-    return {
+    box = TileBox({
         "b": (bs, bs),
         "h": (hs, hs),
         "q_idx": (q0, torch.clamp(q0 + block_m, max=q_len) - 1),
         "kv_idx": (k0, torch.clamp(k0 + block_n, max=kv_len) - 1),
-    }
+    })
+    box.geometry = {"b": (1, batch, 0), "h": (1, heads, 1), "q_idx": (block_m, q_len, 2),
+                    "kv_idx": (block_n, kv_len, 3)}
+    return box
+
+
+def _tile_load_bounds(tensor: torch.Tensor, indices, geometry: dict | None) -> Interval | None:
+    """Exact per-tile bounds of ``tensor[i0, i1, ...]`` when each index is a distinct plain index
+    (``pad[b, kv_idx]``, ``doc[q_idx]``): the tensor cut to each index's extent, its tiled dims reshaped
+    to (tiles, block) and reduced, with no value read on the host (no device sync: Note [changing mask
+    tensors] in block_sparsity.py).  None where this does not apply: ``load_bounds`` handles it."""
+    if geometry is None or not all(isinstance(i, Index) for i in indices):
+        return None
+    names = [i.name for i in indices]
+    if len(set(names)) != len(names) or len(names) != tensor.dim() or tensor.dim() == 0:
+        return None
+    if any(n not in geometry or tensor.shape[d] < geometry[n][1] for d, n in enumerate(names)):
+        return None  # a shorter dim would make eager raise (or wrap): the general path decides
+    t = tensor.detach()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    for d, name in enumerate(names):
+        t = t.narrow(d, 0, geometry[name][1])
+    low, high = t, t
+    for d, name in enumerate(names):
+        block, extent, _ = geometry[name]
+        if block == 1:
+            continue
+        tiles = -(-extent // block)
+        pad = tiles * block - extent
+        if pad:  # repeat the last entry: the last tile's min/max stay those of its in-range part
+            edge = t.narrow(d, extent - 1, 1)
+            low = torch.cat([low, edge.expand(*low.shape[:d], pad, *low.shape[d + 1:])], d)
+            high = torch.cat([high, edge.expand(*high.shape[:d], pad, *high.shape[d + 1:])], d)
+        shape = (*low.shape[:d], tiles, block, *low.shape[d + 1:])
+        low = torch.amin(low.reshape(shape), dim=d + 1)
+        high = torch.amax(high.reshape(shape), dim=d + 1)
+    order = sorted(range(len(names)), key=lambda d: geometry[names[d]][2])
+    grid = [1, 1, 1, 1]
+    for d in order:
+        grid[geometry[names[d]][2]] = low.shape[d]
+    low, high = low.permute(order).reshape(grid), high.permute(order).reshape(grid)
+    if t.is_floating_point():
+        nan = torch.isnan(low) | torch.isnan(high)
+    else:
+        nan = torch.zeros((), dtype=torch.bool, device=t.device)
+    return _settle(Interval(low.to(_storage(t.dtype)), high.to(_storage(t.dtype)), nan, t.dtype))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import weakref
 from collections import OrderedDict
 from typing import Sequence
 
@@ -109,15 +110,15 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _tiles(sparsity: BlockSparsity | None, tile_m: int, tile_n: int, q_len: int, kv_len: int):
-    """Kernel tiles fitting the table, and the table's multiples of them."""
+def _tiles(blocks: tuple[int, int] | None, tile_m: int, tile_n: int, q_len: int, kv_len: int):
+    """Kernel tiles fitting the table's ``blocks`` (None: no table), and the table's multiples of them."""
     tile_m = min(tile_m, max(16, _pow2_at_least(q_len)))
     tile_n = min(tile_n, max(16, _pow2_at_least(kv_len)))
-    if sparsity is None:
+    if blocks is None:
         return tile_m, tile_n, 1, 1
-    bm = configs.fit_tile(tile_m, sparsity.block_m)
-    bn = configs.fit_tile(tile_n, sparsity.block_n)
-    return bm, bn, sparsity.block_m // bm, sparsity.block_n // bn
+    bm = configs.fit_tile(tile_m, blocks[0])
+    bn = configs.fit_tile(tile_n, blocks[1])
+    return bm, bn, blocks[0] // bm, blocks[1] // bn
 
 
 def _check_sparsity(sp: BlockSparsity, q, k) -> None:
@@ -135,11 +136,7 @@ def _table_args(sp: BlockSparsity | None, dummy: torch.Tensor, forward: bool):
     """(NUM, IDX, FULL_NUM, FULL_IDX, 3 strides of the counts, 3 strides of the indices)."""
     if sp is None:
         return (dummy, dummy, dummy, dummy), (0, 0, 0), (0, 0, 0)
-    if forward:
-        tabs = (sp.kv_num_blocks, sp.kv_indices, sp.full_kv_num_blocks, sp.full_kv_indices)
-    else:
-        tabs = (sp.q_num_blocks, sp.q_indices, sp.full_q_num_blocks, sp.full_q_indices)
-    num, idx, fnum, fidx = (t.to(torch.int32).contiguous() for t in tabs)
+    num, idx, fnum, fidx = _tables(sp, forward)
     if num.shape != fnum.shape or idx.shape != fidx.shape:
         raise ValueError("PARTIAL and FULL tables must have the same shapes")
 
@@ -147,6 +144,33 @@ def _table_args(sp: BlockSparsity | None, dummy: torch.Tensor, forward: bool):
         return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
 
     return (num, idx, fnum, fidx), bstrides(num), bstrides(idx)
+
+
+_int32_tables: "weakref.WeakKeyDictionary[BlockSparsity, dict]" = weakref.WeakKeyDictionary()
+
+
+def _tables(sp: BlockSparsity, forward: bool) -> tuple:
+    """The forward (kv) or backward (q) tables as contiguous int32, converted once per sparsity object
+    (a mask that changes every call brings a new object every call: Note [launch plans])."""
+    per = _int32_tables.get(sp)
+    if per is None:
+        per = _int32_tables[sp] = {}
+    tabs = per.get(forward)
+    if tabs is None:
+        raw = (sp.kv_num_blocks, sp.kv_indices, sp.full_kv_num_blocks, sp.full_kv_indices) if forward else \
+            (sp.q_num_blocks, sp.q_indices, sp.full_q_num_blocks, sp.full_q_indices)
+        tabs = per[forward] = tuple(t.to(torch.int32).contiguous() for t in raw)
+    return tabs
+
+
+def _sparsity_layout(sp: BlockSparsity | None) -> tuple | None:
+    """What a launch plan depends on in a sparsity object: blocks, lengths, table shapes and device (the
+    int32 tables are contiguous, so their strides follow).  The tables' contents are per-call data."""
+    if sp is None:
+        return None
+    return (sp.block_m, sp.block_n, sp.q_len, sp.kv_len, sp.kv_num_blocks.shape, sp.kv_indices.shape,
+            sp.full_kv_num_blocks.shape, sp.full_kv_indices.shape, sp.q_num_blocks.shape, sp.q_indices.shape,
+            sp.full_q_num_blocks.shape, sp.full_q_indices.shape, sp.kv_indices.device)
 
 
 # Note [fitting the device]
@@ -298,12 +322,14 @@ def _hooks(score: Expr, mask: Expr | None, captured, needs_grad, q, k, backward:
 #     Everything a launch needs besides the tensors' data (rendered hooks, tile
 #     config, int32 sparsity tables and their strides, constexpr flags, the
 #     fitted-config key) depends only on the call site: the spec's expressions,
-#     the sparsity object, shapes, strides, dtypes, device and the policies read
-#     from the environment.  Recomputing it on every call was most of the host
-#     time of a small attention, so it is kept per call site in ``_plans``, keyed
-#     by those values.  Expressions and sparsity objects enter the key by
-#     identity, and the plan holds them, so an id cannot be reused by another
-#     object while the plan lives; a hit also checks identity.
+#     the sparsity tables' layout, shapes, strides, dtypes, device and the
+#     policies read from the environment.  Recomputing it on every call was most
+#     of the host time of a small attention, so it is kept per call site in
+#     ``_plans``, keyed by those values.  Expressions enter the key by identity,
+#     and the plan holds them, so an id cannot be reused by another object while
+#     the plan lives; a hit also checks identity.  A sparsity object enters by
+#     its layout only (``_sparsity_layout``): its tables are per-call data, since
+#     a padding mask that changes every batch brings new tables every call.
 _plans: "OrderedDict[tuple, tuple]" = OrderedDict()
 _PLANS_MAX = 256
 
@@ -380,8 +406,9 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    refs = (score, mask, sparsity)
-    plan_key = ("fwd", id(score), id(mask), id(sparsity), q.shape, q.stride(), k.shape, k.stride(), v.shape,
+    refs = (score, mask)
+    plan_key = ("fwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape, k.stride(),
+                v.shape,
                 v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, _captured_key(captured),
                 row_select is not None, empty_rows, gqa_group, _policy_key(q.dtype, "ATTN_INDUCTOR_FWD_CONFIG"))
     plan = _plan_get(plan_key, refs)  # Note [launch plans]
@@ -389,10 +416,9 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         _check(q, k, v, gqa_group)  # the key holds everything it looks at
         plan = _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows)
         _plan_put(plan_key, refs, plan)
-    hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, kept, sparsity = plan
+    hooks, cfg, num_strides, idx_strides, cap_strides, meta, key, kept, blocks = plan
     static_site = kept["static"]  # Note [static launches]
-    if sparsity is None:
-        tables = (lse, lse, lse, lse)  # unused placeholders
+    tables = _tables(sparsity, forward=True) if blocks is not None else (lse, lse, lse, lse)  # else unused
     cap_ptrs = _captured_args(captured)[0]
     if row_select is not None:
         if row_select.shape != (batch, hq, q_len):
@@ -406,7 +432,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
         site = (tuple(rs_strides), c)
         recipe = kept.get(("recipe", site))  # the grid and constexprs are the site's (Note [launch plans])
         if recipe is None:
-            block_m, block_n, q_mult, kv_mult = _tiles(sparsity, c.block_m, c.block_n, q_len, kv_len)
+            block_m, block_n, q_mult, kv_mult = _tiles(blocks, c.block_m, c.block_n, q_len, kv_len)
             recipe = kept[("recipe", site)] = ((triton_cdiv(q_len, block_m), hq, batch), dict(
                 SCORE_MOD=hooks.score_mod, MASK_MOD=hooks.mask_mod, **meta, **_bound_fns(hooks, meta["KV_BOUNDS"]),
                 BLOCK_M=block_m, BLOCK_N=block_n, SPARSE_Q_MULT=q_mult, SPARSE_KV_MULT=kv_mult,
@@ -435,7 +461,7 @@ def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_selec
     cfg = configs.forward_config(max(d, dv), q.dtype, q.device, heavy=hooks.heavy,
                                  entry_gathers=hooks.entry_gathers)
     placeholder = torch.empty(0, device=q.device)
-    tables, num_strides, idx_strides = _table_args(sparsity, placeholder, forward=True)
+    _, num_strides, idx_strides = _table_args(sparsity, placeholder, forward=True)
     cap_strides = _captured_args(captured)[1]
     meta = dict(
         HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, IS_SPARSE=sparsity is not None,
@@ -445,7 +471,8 @@ def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_selec
         EMPTY_NAN=empty_rows == "nan", KV_BOUNDS=bounded)
     key = _fit_key("fwd", hooks, cfg=cfg, dtype=q.dtype, device=str(q.device), **meta)
     kept = {"static": q.device.type == "cuda" and _static_launches_on()}  # Note [static launches]
-    return hooks, cfg, tables, num_strides, idx_strides, cap_strides, meta, key, kept, sparsity
+    blocks = (sparsity.block_m, sparsity.block_n) if sparsity is not None else None
+    return hooks, cfg, num_strides, idx_strides, cap_strides, meta, key, kept, blocks
 
 
 def _bound_fns(hooks, bounded: bool) -> dict:
@@ -538,8 +565,9 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
                                        for t, n in zip(captured, needs)]
     if batch * hq * q_len == 0 or kv_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dcap
-    refs = (score, mask, sparsity)
-    plan_key = ("bwd", id(score), id(mask), id(sparsity), q.shape, q.stride(), k.shape, k.stride(), v.shape,
+    refs = (score, mask)
+    plan_key = ("bwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape, k.stride(),
+                v.shape,
                 v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, k.dtype, v.dtype, device,
                 k.device, v.device, _captured_key(captured), tuple(needs), gqa_group, bool(deterministic), empty_rows,
                 _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
@@ -548,8 +576,8 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         _check(q, k, v, gqa_group)  # the key holds everything it looks at
         plan = _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic)
         _plan_put(plan_key, refs, plan)
-    (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
-     mode_dkdv, mode_dq, pre_block, kept, sparsity) = plan
+    (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_strides, table_strides, cap_strides, grad_strides,
+     mode_dkdv, mode_dq, pre_block, kept, blocks) = plan
     static_site = kept["static"]  # Note [static launches]
     any_grad = any(grad_needs)
 
@@ -575,10 +603,12 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     max_bits = tuple(b[2] for b in bufs)
     counts = tuple(b[3] for b in bufs)
     grad_args = (cap_ptrs, cap_strides, grads, fixed, max_bits, counts, grad_strides)
-    fwd_tables, fwd_num_strides, fwd_idx_strides = fwd_table_args
-    tables, num_strides, idx_strides = table_args
-    if sparsity is None:
+    fwd_num_strides, fwd_idx_strides = fwd_table_strides
+    num_strides, idx_strides = table_strides
+    if blocks is None:
         fwd_tables = tables = (delta, delta, delta, delta)  # unused placeholders
+    else:
+        fwd_tables, tables = _tables(sparsity, forward=True), _tables(sparsity, forward=False)
 
     def launch_bwd(c, do_dkdv: bool, do_dq: bool, stats_pass: bool = False):
         """dK/dV programs (a kv tile of one kv head, every query head of its group) and/or dQ programs
@@ -586,8 +616,8 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         site = (do_dkdv, do_dq, stats_pass, c)
         recipe = kept.get(("recipe", site))  # the grid and constexprs are the site's (Note [launch plans])
         if recipe is None:
-            block_m1, block_n1, q_mult1, kv_mult1 = _tiles(sparsity, c.block_m1, c.block_n1, q_len, kv_len)
-            block_m2, block_n2, q_mult2, kv_mult2 = _tiles(sparsity, c.block_m2, c.block_n2, q_len, kv_len)
+            block_m1, block_n1, q_mult1, kv_mult1 = _tiles(blocks, c.block_m1, c.block_n1, q_len, kv_len)
+            block_m2, block_n2, q_mult2, kv_mult2 = _tiles(blocks, c.block_m2, c.block_n2, q_len, kv_len)
             kv_tiles = triton_cdiv(kv_len, block_n1)
             programs = (kv_tiles if do_dkdv else 0) + (triton_cdiv(q_len, block_m2) * gqa_group if do_dq else 0)
             recipe = kept[("recipe", site)] = ((programs, hkv, batch), kv_tiles, dict(
@@ -667,11 +697,12 @@ def _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, d
                CAPTURED_GRAD=hooks.captured_grad, **_bound_fns(hooks, bounded))
     fit = dict(cfg=cfg, dtype=q.dtype, device=str(device), **meta)
     placeholder = torch.empty(0, device=device)
-    fwd_table_args = _table_args(sparsity, placeholder, forward=True)
-    table_args = _table_args(sparsity, placeholder, forward=False)
+    fwd_table_strides = _table_args(sparsity, placeholder, forward=True)[1:]
+    table_strides = _table_args(sparsity, placeholder, forward=False)[1:]
     pre_block = min(_PREPROCESS_BLOCK, max(16, _pow2_at_least(q_len)))
     if _compat.triton_interpret_enabled() and device.type == "cpu":
         pre_block = configs.INTERPRETER_BLOCK
     kept = {"static": device.type == "cuda" and _static_launches_on()}  # Note [static launches]
-    return (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_args, table_args, cap_strides, grad_strides,
-            mode_dkdv, mode_dq, pre_block, kept, sparsity)
+    blocks = (sparsity.block_m, sparsity.block_n) if sparsity is not None else None
+    return (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_strides, table_strides, cap_strides, grad_strides,
+            mode_dkdv, mode_dq, pre_block, kept, blocks)
