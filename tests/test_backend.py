@@ -260,3 +260,97 @@ def test_env_reads_follow_os_environ(monkeypatch):
     assert _compat.env(name) == "ünïcode"
     del os.environ[name]
     assert _compat.env(name, "gone") == "gone"
+
+
+# ----------------------------------------------------------------------------- Note [dynamic sizes]
+
+
+def _naive_causal(q, k, v):
+    s = q @ k.transpose(-1, -2) * 0.125
+    n = s.shape[-1]
+    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def _naive_relbias(table):
+    def fn(q, k, v):
+        s = q @ k.transpose(-1, -2) * 0.125
+        n = s.shape[-1]
+        i = torch.arange(n)[:, None]
+        j = torch.arange(n)[None, :]
+        return (s + table[i - j + n - 1]).softmax(-1) @ v  # the length is read at run time
+    return fn
+
+
+def _naive_window_from_length(q, k, v):
+    """A diagonal and a slice start computed from the length: both read at run time."""
+    s = q @ k.transpose(-1, -2) * 0.125
+    n = s.shape[-1]
+    s = s + _BIAS[_BIAS.shape[0] - n:][None, :]
+    keep = torch.ones(n, n, dtype=torch.bool).tril(diagonal=n // 2 - 8)
+    return s.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+_BIAS = torch.randn(200)
+
+
+def _naive_flat_bias(q, k, v):
+    """A bias whose recovered index multiplies by the length (arange(n*n).view(n, n)): the length is baked
+    into the spec, so it is specialised per length."""
+    s = q @ k.transpose(-1, -2) * 0.125
+    n = s.shape[-1]
+    return (s + torch.arange(n * n, dtype=torch.float32).reshape(n, n) * 1e-3).softmax(-1) @ v
+
+
+def _bmm_causal(q, k, v):
+    """The [B*H, L, D] layout: the rewrite reshapes to explicit sizes."""
+    b, h, n, d = q.shape
+    s = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2)) * 0.125
+    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return torch.bmm(s.softmax(-1), v.reshape(b * h, n, d)).view(b, h, n, d)
+
+
+def _lengths_run(fn, lengths, train=False):
+    _fresh()
+    compiled = torch.compile(fn, backend="flexattn")
+    for n in lengths:
+        q, k, v = (torch.randn(2, 2, n, 8, requires_grad=train) for _ in range(3))
+        out = compiled(q, k, v)
+        ref = fn(*(t.detach().double().requires_grad_(train) for t in (q, k, v)))
+        eager = fn(q, k, v)
+        assert_close_to_reference(out.detach(), ref.detach(), eager.detach(), name=f"out L={n}")
+        if train:
+            w = torch.randn_like(out)
+            grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+            grads_eager = torch.autograd.grad((eager * w).sum(), (q, k, v))
+            for a, e in zip(grads, grads_eager):
+                torch.testing.assert_close(a, e, atol=2e-5, rtol=2e-5)
+    return torch._dynamo.utils.counters
+
+
+def test_new_lengths_reuse_one_symbolic_graph():
+    """Note [dynamic sizes]: the second length brings Dynamo's symbolic graph, rewritten for any length;
+    ten lengths (past Dynamo's recompile limit of 8) make two graphs, every one rewritten and correct,
+    forward and backward."""
+    counters = _lengths_run(_naive_causal, range(16, 96, 8), train=True)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["attn_inductor"]["rewritten"] == 2 and not counters["attn_inductor"]["not_rewritten"]
+
+
+@pytest.mark.parametrize("fn", [_naive_relbias(torch.randn(2 * 60 - 1)), _naive_window_from_length],
+                         ids=["relbias_offset", "diagonal_and_slice"])
+def test_sizes_read_at_run_time_stay_generic(fn):
+    """Sizes the score or mask computes with (``L - 1`` in an index, a diagonal, a slice start) enter the
+    op as captured scalars, so the symbolic graph serves every length."""
+    counters = _lengths_run(fn, (16, 24, 32, 40, 48))
+    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["attn_inductor"]["rewritten"] == 2 and not counters["attn_inductor"]["not_rewritten"]
+
+
+def test_length_dependent_specs_are_specialised():
+    """A spec holding a constant that came from the length, or a rewrite that reshapes to explicit sizes,
+    is specialised per length: a graph per length, every one rewritten, every answer right."""
+    for fn in (_naive_flat_bias, _bmm_causal):
+        counters = _lengths_run(fn, (16, 24, 32))
+        assert counters["stats"]["unique_graphs"] == 3
+        assert counters["attn_inductor"]["rewritten"] == 3 and not counters["attn_inductor"]["not_rewritten"]

@@ -70,6 +70,43 @@ def fake_mode_of_graph(gm: torch.fx.GraphModule):
     return ctx.fake_mode if ctx is not None else None
 
 
+def symbolic_shape_env(gm: torch.fx.GraphModule):
+    """The ShapeEnv of a graph Dynamo traced with dynamic sizes (None when every input is static)."""
+    symbolic = False
+    for val in placeholder_fakes(gm):
+        if isinstance(val, torch.SymInt) or (isinstance(val, torch.Tensor) and any(
+                isinstance(x, torch.SymInt) for x in (*val.shape, *val.stride()))):
+            symbolic = True
+            break
+    if not symbolic:
+        return None
+    mode = fake_mode_of_graph(gm)
+    return getattr(mode, "shape_env", None)
+
+
+def symbol_hint(x: torch.SymInt, sym) -> int:
+    """The value Dynamo recorded for size symbol ``sym`` of ``x`` (its hint), read without a guard."""
+    shape_env = x.node.shape_env
+    # torch 2.13 renamed the dict (the old name warns); 2.11 has only the old one
+    name = "backed_var_to_val" if hasattr(type(shape_env), "backed_var_to_val") or \
+        "backed_var_to_val" in vars(shape_env) else "var_to_val"
+    values = getattr(shape_env, name, None)
+    if values is not None and sym in values:
+        return int(values[sym])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return int(shape_env.size_hint(sym))
+
+
+def concrete_size(x, values: dict) -> int:
+    """``x`` (an int or a SymInt) with its free symbols replaced by ``values`` (sympy symbol -> int)."""
+    if not isinstance(x, torch.SymInt):
+        return int(x)
+    return int(x.node.expr.xreplace(values))
+
+
 def placeholder_fakes(gm: torch.fx.GraphModule) -> list:
     """The fake tensors (or SymInts / constants) Dynamo recorded for each placeholder."""
     out = []

@@ -124,6 +124,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
             reports.append(SiteReport(graph=graph_id, site=i, node=name, rewritten=False,
                                       reason=f"graph not captured: {exc}"))
         return None, reports
+    shape_env = _compat.symbolic_shape_env(gm)
+    if shape_env is not None:
+        generic = _rewrite_for_any_length(gm, aten_gm, example_inputs, options, graph_id, config, shape_env)
+        if generic is not None:
+            return generic
+        aten_gm = capture_aten_graph(gm, example_inputs)  # the attempt may have edited its graph
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
     source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
@@ -133,6 +139,127 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
     aten_gm.graph.lint()
     aten_gm.recompile()
     return aten_gm, reports
+
+
+# Note [dynamic sizes]
+#     From its second call with a new sequence length Dynamo traces a graph with
+#     symbolic sizes (automatic dynamic shapes).  The matcher reads sizes as
+#     ints; read with guards, every length would become its own graph, and
+#     after ``recompile_limit`` (8) lengths Dynamo would stop compiling the
+#     function at all and run it eagerly.  So a symbolic graph is first matched
+#     with the ShapeEnv's guards suppressed (sizes read at their hints), and
+#     kept symbolic only if that is provably harmless for this graph:
+#     - no rewrite needs a reshape to a size list (those would bake the hint
+#       into the graph; ``rewrite_attention(..., any_length=True)`` refuses);
+#     - re-traced and matched again with every size symbol at twice and three
+#       times its hint (a fresh static fake mode), every site gives the same
+#       specs, so no spec holds a constant that came from a length (a bias
+#       table indexed at ``q_idx - kv_idx + L - 1`` does: it is specialised).
+#     Anything else falls back to the specialised match (guards on the sizes).
+#     The op itself takes any shapes: the runtime sizes its tables per call.
+
+
+def _rewrite_for_any_length(gm: fx.GraphModule, aten_gm: fx.GraphModule, example_inputs, options: BackendOptions,
+                            graph_id: int, config: str, shape_env):
+    """Note [dynamic sizes]: the rewritten symbolic graph and its reports, or None to specialise."""
+    placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
+    source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
+    specs: list[str] = []
+    needs_sizes: list[bool] = []
+
+    def splice(m: AttentionMatch) -> None:
+        if not rewrite_attention(aten_gm, m, config, any_length=True):
+            needs_sizes.append(True)
+            raise SpliceError("needs a reshape to this length's sizes")
+        specs.append(m.spec.to_json())
+
+    try:
+        with shape_env.suppress_guards():
+            reports = _rewrite_sites(aten_gm, find_softmax_nodes(aten_gm), graph_id, 0, options, splice,
+                                     real_inputs, source_names)
+    except Exception as exc:  # noqa: BLE001 - the specialised path is always there
+        log.info("attn_inductor: matching with symbolic sizes failed, specialising: %s", exc)
+        return None
+    if needs_sizes:
+        return None
+    if specs and not _same_specs_at_other_lengths(gm, specs, options):
+        return None
+    aten_gm.graph.eliminate_dead_code()
+    aten_gm.graph.lint()
+    aten_gm.recompile()
+    return aten_gm, reports
+
+
+def _same_specs_at_other_lengths(gm: fx.GraphModule, specs: list[str], options: BackendOptions) -> bool:
+    """Re-trace ``gm`` with every size symbol at 2x and 3x its hint and match again (guards suppressed):
+    the rewritten sites' specs must be exactly ``specs``.  The sizes stay symbolic in the re-trace, so a
+    spec that reads a size at run time (a captured length) compares equal, and one that baked a hint
+    into a constant does not; where this torch's ShapeEnv cannot be driven so, the re-trace is static."""
+    fakes = _compat.placeholder_fakes(gm)
+    symbols = {}
+    for val in fakes:
+        sizes = [val] if isinstance(val, torch.SymInt) else \
+            [*val.shape, *val.stride()] if isinstance(val, torch.Tensor) else []
+        for x in sizes:
+            if isinstance(x, torch.SymInt):
+                for sym in x.node.expr.free_symbols:
+                    symbols[sym] = _compat.symbol_hint(x, sym)
+    for factor in (2, 3):
+        values = {sym: hint * factor for sym, hint in symbols.items()}
+        got = None
+        for symbolic in (True, False):
+            try:
+                got = _specs_at(gm, fakes, values, symbolic, options)
+                break
+            except Exception as exc:  # noqa: BLE001 - try the other re-trace, then specialise
+                log.info("attn_inductor: %s re-trace at other sizes failed: %s", "symbolic" if symbolic else
+                         "static", exc)
+        if got != specs:
+            return False
+    return True
+
+
+def _specs_at(gm: fx.GraphModule, fakes: list, values: dict, symbolic: bool, options: BackendOptions) -> list[str]:
+    """The specs of the sites matched in ``gm`` traced with size symbols at ``values``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    env = None
+    if symbolic:
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+        env = ShapeEnv()
+        renamed = {sym: env.create_symbol(value, ConstantSource(f"attn_inductor_{sym}"),
+                                          dynamic_dim=DimDynamic.DYNAMIC) for sym, value in values.items()}
+
+        def size(x):
+            if not isinstance(x, torch.SymInt):
+                return int(x)
+            return env.create_symintnode(x.node.expr.xreplace(renamed), hint=_compat.concrete_size(x, values))
+    else:
+        def size(x):
+            return _compat.concrete_size(x, values)
+    mode = FakeTensorMode(shape_env=env)
+    with mode:
+        args = []
+        for val in fakes:
+            if isinstance(val, torch.SymInt):
+                args.append(size(val))
+            elif isinstance(val, torch.Tensor):
+                args.append(torch.empty_strided([size(x) for x in val.shape], [size(x) for x in val.stride()],
+                                                dtype=val.dtype, device=val.device, requires_grad=val.requires_grad))
+            else:
+                args.append(val)
+        traced = make_fx(gm, pre_dispatch=True, tracing_mode="real")(*args)
+    specs = []
+    with env.suppress_guards() if env is not None else contextlib.nullcontext():
+        for sm in find_softmax_nodes(traced):
+            m = match_attention(traced, sm, fully_masked_rows=options.fully_masked_rows)
+            if not isinstance(m, MatchFailure):
+                specs.append(m.spec.to_json())
+    return specs
 
 
 def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOptions, graph_id: int,

@@ -52,9 +52,9 @@ def node_dtype(n) -> str:
     v = node_val(n)
     if isinstance(v, torch.Tensor):
         return E.dtype_name(v.dtype)
-    if isinstance(v, bool):
+    if isinstance(v, (bool, torch.SymBool)):
         return E.BOOL
-    if isinstance(v, int):
+    if isinstance(v, (int, torch.SymInt)):
         return E.INT64
     return "float32"
 
@@ -314,7 +314,9 @@ class Extractor:
                 x = self.express(args[0], index)
                 i, j = index[-2], index[-1]
                 d = E.call("sub", j, i, dtype=E.INT64)
-                keep = E.call("le" if "tril" in str(t) else "ge", d, E.const(int(diag), E.INT64), dtype=E.BOOL)
+                # a diagonal computed from a size (symbolic under dynamic shapes) is read at run time
+                diag = self.express(diag, ()) if isinstance(diag, fx.Node) else E.const(int(diag), E.INT64)
+                keep = E.call("le" if "tril" in str(t) else "ge", d, diag, dtype=E.BOOL)
                 return E.call("where", keep, x, E.const(0, x.dtype), dtype=x.dtype)
             if t in _ops("embedding"):
                 weight, ids = args[0], args[1]
@@ -410,14 +412,22 @@ class Extractor:
         dim = _norm_dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), len(in_shape))
         start = args[2] if len(args) > 2 else kwargs.get("start", None)
         step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-        start = 0 if start is None else int(start)
-        if start < 0:
-            start = max(start + in_shape[dim], 0)
-        start = min(start, in_shape[dim])
         idx = list(index)
         i = idx[dim]
         if step != 1:
             i = E.call("mul", i, E.const(int(step), E.INT64), dtype=E.INT64)
+        if isinstance(start, fx.Node):  # a start computed from a size: resolved as eager does, at run time
+            s, size = self.express(start, ()), E.const(in_shape[dim], E.INT64)
+            zero = E.const(0, E.INT64)
+            wrapped = E.call("maximum", E.call("add", s, size, dtype=E.INT64), zero, dtype=E.INT64)
+            start_expr = E.call("where", E.call("lt", s, zero, dtype=E.BOOL), wrapped,
+                                E.call("minimum", s, size, dtype=E.INT64), dtype=E.INT64)
+            idx[dim] = E.call("add", i, start_expr, dtype=E.INT64)
+            return self.express(args[0], tuple(idx))
+        start = 0 if start is None else int(start)
+        if start < 0:
+            start = max(start + in_shape[dim], 0)
+        start = min(start, in_shape[dim])
         if start:
             i = E.call("add", i, E.const(start, E.INT64), dtype=E.INT64)
         idx[dim] = i

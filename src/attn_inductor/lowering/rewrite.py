@@ -36,17 +36,40 @@ def _shape_of(op: Operand) -> tuple:
     return tuple(_op_shape(op))
 
 
-def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str) -> fx.Node:
-    """Insert the op before the P·V node and reroute its users.  Returns the new output node."""
+def _as_tensor(graph: fx.Graph, node):
+    """A captured size (a SymInt the score reads, e.g. ``L - 1`` in a relative-position index) enters the
+    op as a 0-d int64 tensor: the op's ``captured`` is a list of tensors."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else node
+    if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
+        return graph.call_function(aten.scalar_tensor.default, (node,), {"dtype": torch.int64})
+    return node
+
+
+def needs_size_reshape(match: AttentionMatch) -> bool:
+    """Would the rewrite reshape an operand or the output to an explicit size list?"""
+    return any(tuple(_shape_of(op)) != tuple(shape) for op, shape in
+               ((match.q, match.q_shape), (match.k, match.k_shape), (match.v, match.v_shape))) or \
+        tuple(match.out_shape) != tuple(match.q_shape[:3] + match.v_shape[3:])
+
+
+def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str, any_length: bool = False
+                      ) -> fx.Node | None:
+    """Insert the op before the P·V node and reroute its users.  Returns the new call node.
+
+    ``any_length`` (Note [dynamic sizes] in backend.py): the graph has symbolic sizes and the shapes in
+    ``match`` are their hints, so a rewrite that would reshape to a size list is not made (None)."""
+    if any_length and needs_size_reshape(match):
+        return None
     graph = gm.graph
     pv = match.output
     with graph.inserting_before(pv):
         q = _operand_node(graph, match.q, match.q_shape)
         k = _operand_node(graph, match.k, match.k_shape)
         v = _operand_node(graph, match.v, match.v_shape)
+        captured = [_as_tensor(graph, c) for c in match.captured]
         call = graph.call_function(
             torch.ops.attn_inductor.attention.default,
-            (q, k, v, list(match.captured), match.spec.to_json(), config),
+            (q, k, v, captured, match.spec.to_json(), config),
         )
         out = graph.call_function(operator.getitem, (call, 0))
         out_shape = match.q_shape[:3] + match.v_shape[3:]
