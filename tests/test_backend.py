@@ -310,11 +310,11 @@ def _bmm_causal(q, k, v):
     return torch.bmm(s.softmax(-1), v.reshape(b * h, n, d)).view(b, h, n, d)
 
 
-def _lengths_run(fn, lengths, train=False):
+def _lengths_run(fn, lengths, train=False, batches=None):
     _fresh()
     compiled = torch.compile(fn, backend="flexattn")
-    for n in lengths:
-        q, k, v = (torch.randn(2, 2, n, 8, requires_grad=train) for _ in range(3))
+    for n, b in zip(lengths, batches or [2] * len(lengths)):
+        q, k, v = (torch.randn(b, 2, n, 8, requires_grad=train) for _ in range(3))
         out = compiled(q, k, v)
         ref = fn(*(t.detach().double().requires_grad_(train) for t in (q, k, v)))
         eager = fn(q, k, v)
@@ -337,20 +337,22 @@ def test_new_lengths_reuse_one_symbolic_graph():
     assert counters["attn_inductor"]["rewritten"] == 2 and not counters["attn_inductor"]["not_rewritten"]
 
 
-@pytest.mark.parametrize("fn", [_naive_relbias(torch.randn(2 * 60 - 1)), _naive_window_from_length],
-                         ids=["relbias_offset", "diagonal_and_slice"])
+@pytest.mark.parametrize("fn", [_naive_relbias(torch.randn(2 * 60 - 1)), _naive_window_from_length, _bmm_causal],
+                         ids=["relbias_offset", "diagonal_and_slice", "bmm_layout"])
 def test_sizes_read_at_run_time_stay_generic(fn):
     """Sizes the score or mask computes with (``L - 1`` in an index, a diagonal, a slice start) enter the
-    op as captured scalars, so the symbolic graph serves every length."""
+    op as captured scalars, and a [B*H, L, D] layout is reshaped with -1 for the length, so the symbolic
+    graph serves every length."""
     counters = _lengths_run(fn, (16, 24, 32, 40, 48))
     assert counters["stats"]["unique_graphs"] == 2
     assert counters["attn_inductor"]["rewritten"] == 2 and not counters["attn_inductor"]["not_rewritten"]
 
 
 def test_length_dependent_specs_are_specialised():
-    """A spec holding a constant that came from the length, or a rewrite that reshapes to explicit sizes,
-    is specialised per length: a graph per length, every one rewritten, every answer right."""
-    for fn in (_naive_flat_bias, _bmm_causal):
-        counters = _lengths_run(fn, (16, 24, 32))
+    """A spec holding a constant that came from the length, or a reshape whose sizes vary in two dims
+    (batch and length of a [B*H, L, D] layout), is specialised: a graph per shape, every one rewritten,
+    every answer right."""
+    for fn, batches in ((_naive_flat_bias, None), (_bmm_causal, (2, 3, 4))):  # batch and length both vary
+        counters = _lengths_run(fn, (16, 24, 32), batches=batches)
         assert counters["stats"]["unique_graphs"] == 3
         assert counters["attn_inductor"]["rewritten"] == 3 and not counters["attn_inductor"]["not_rewritten"]

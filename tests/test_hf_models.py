@@ -287,3 +287,32 @@ def test_inference_compile_matches_eager(family):
     assert torch._dynamo.utils.counters["attn_inductor"]["rewritten"] == hf.EXPECTED_SITES[family]
     for i, (c, e) in enumerate(zip(out, eager)):
         assert_close_fp32(c, e, name=f"output {i}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "mistral", "gemma2", "qwen2", "t5", "bloom"])
+def test_new_sequence_lengths_do_not_recompile(family):
+    """Note [dynamic sizes] in backend.py: the second length brings Dynamo's symbolic graphs, rewritten for
+    any length; later lengths compile nothing new, every site stays rewritten, and each training step
+    (outputs and every parameter gradient) matches eager."""
+    factory = hf.FACTORIES[family]
+    model, _ = factory()
+    model.train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="flexattn", options=OPTIONS)
+    graphs = []
+    for seq in (16, 20, 24, 28):
+        inputs = factory(seq=seq)[1]
+        out_c, grads_c, weights = _training_step(compiled, compiled_model, inputs, None)
+        out_e, grads_e, _ = _training_step(model, model, inputs, weights)
+        for i, (c, e) in enumerate(zip(out_c, out_e)):
+            assert_close_fp32(c, e, name=f"L={seq} output {i}")
+        assert sorted(grads_c) == sorted(grads_e)
+        for name in grads_c:
+            assert_close_fp32(grads_c[name], grads_e[name], name=f"L={seq} grad {name}")
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    counts = torch._dynamo.utils.counters["attn_inductor"]
+    assert graphs[1] == graphs[2] == graphs[3], graphs
+    assert counts["rewritten"] == 2 * hf.EXPECTED_SITES[family] and not counts["not_rewritten"], dict(counts)

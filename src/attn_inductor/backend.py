@@ -32,7 +32,7 @@ from .capture.regions import (RegionCapture, SpliceError, has_higher_order_ops,
                               softmax_calls)
 from .lowering.extract import node_shape
 from .lowering.match import AttentionMatch, MatchFailure, find_softmax_nodes, match_attention
-from .lowering.rewrite import rewrite_attention
+from .lowering.rewrite import reshape_targets, rewrite_attention
 from .options import BackendOptions
 from .report import SiteReport, describe_match, describe_failure
 
@@ -148,15 +148,21 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
 #     after ``recompile_limit`` (8) lengths Dynamo would stop compiling the
 #     function at all and run it eagerly.  So a symbolic graph is first matched
 #     with the ShapeEnv's guards suppressed (sizes read at their hints), and
-#     kept symbolic only if that is provably harmless for this graph:
-#     - no rewrite needs a reshape to a size list (those would bake the hint
-#       into the graph; ``rewrite_attention(..., any_length=True)`` refuses);
-#     - re-traced and matched again with every size symbol at twice and three
-#       times its hint (a fresh static fake mode), every site gives the same
-#       specs, so no spec holds a constant that came from a length (a bias
-#       table indexed at ``q_idx - kv_idx + L - 1`` does: it is specialised).
+#     kept symbolic only if the graph is re-traced and matched again, with
+#     every size symbol at twice and at three times its hint (sizes still
+#     symbolic, guards suppressed), with the same outcome:
+#     - the same specs at every site: a size the score or mask computes with
+#       (``L - 1`` in a relative-position index, a diagonal, a slice start) is
+#       a graph value the spec reads from a captured 0-d tensor at run time,
+#       while a hint baked into a constant (an index ``q_idx * L + kv_idx``
+#       from ``arange(L * L).view(L, L)``) differs between the traces;
+#     - each reshape the rewrite inserts ([B*H, L, D] layouts) varies in one
+#       dim at most, which it writes as -1.
 #     Anything else falls back to the specialised match (guards on the sizes).
-#     The op itself takes any shapes: the runtime sizes its tables per call.
+#     Two other lengths are evidence, not proof, of length independence; the
+#     extractor's size reads that stay ints (shapes of views and broadcasts)
+#     are structural and were equal in all three traces.  The op itself takes
+#     any shapes: the runtime sizes its tables per call.
 
 
 def _rewrite_for_any_length(gm: fx.GraphModule, aten_gm: fx.GraphModule, example_inputs, options: BackendOptions,
@@ -165,37 +171,37 @@ def _rewrite_for_any_length(gm: fx.GraphModule, aten_gm: fx.GraphModule, example
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
     source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
-    specs: list[str] = []
-    needs_sizes: list[bool] = []
-
-    def splice(m: AttentionMatch) -> None:
-        if not rewrite_attention(aten_gm, m, config, any_length=True):
-            needs_sizes.append(True)
-            raise SpliceError("needs a reshape to this length's sizes")
-        specs.append(m.spec.to_json())
-
+    pending: list[AttentionMatch] = []
     try:
         with shape_env.suppress_guards():
-            reports = _rewrite_sites(aten_gm, find_softmax_nodes(aten_gm), graph_id, 0, options, splice,
+            reports = _rewrite_sites(aten_gm, find_softmax_nodes(aten_gm), graph_id, 0, options, pending.append,
                                      real_inputs, source_names)
+            sites = [(m.spec.to_json(), reshape_targets(m)) for m in pending]
     except Exception as exc:  # noqa: BLE001 - the specialised path is always there
         log.info("attn_inductor: matching with symbolic sizes failed, specialising: %s", exc)
         return None
-    if needs_sizes:
-        return None
-    if specs and not _same_specs_at_other_lengths(gm, specs, options):
-        return None
+    if pending:
+        free = _free_dims_at_other_lengths(gm, sites, options)
+        if free is None:
+            return None
+        with shape_env.suppress_guards():  # the rewrite reads the same hinted sizes again
+            for m, site_free in zip(pending, free):
+                rewrite_attention(aten_gm, m, config, free=site_free)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.graph.lint()
     aten_gm.recompile()
     return aten_gm, reports
 
 
-def _same_specs_at_other_lengths(gm: fx.GraphModule, specs: list[str], options: BackendOptions) -> bool:
-    """Re-trace ``gm`` with every size symbol at 2x and 3x its hint and match again (guards suppressed):
-    the rewritten sites' specs must be exactly ``specs``.  The sizes stay symbolic in the re-trace, so a
-    spec that reads a size at run time (a captured length) compares equal, and one that baked a hint
-    into a constant does not; where this torch's ShapeEnv cannot be driven so, the re-trace is static."""
+def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: BackendOptions) -> list | None:
+    """Re-trace ``gm`` with every size symbol at 2x and 3x its hint and match again (guards suppressed).
+
+    ``sites``: (spec JSON, reshape targets) of each site matched at the hints.  The re-traces must give
+    the same specs; a reshape target may differ from its hint values in one dim at most, which the
+    rewrite writes as -1.  Returns, per site, {target name: that dim}, or None (specialise).  The sizes
+    stay symbolic in the re-trace, so a spec that reads a size at run time (a captured length) compares
+    equal, and one that baked a hint into a constant does not; where this torch's ShapeEnv cannot be
+    driven so, the re-trace is static."""
     fakes = _compat.placeholder_fakes(gm)
     symbols = {}
     for val in fakes:
@@ -205,23 +211,34 @@ def _same_specs_at_other_lengths(gm: fx.GraphModule, specs: list[str], options: 
             if isinstance(x, torch.SymInt):
                 for sym in x.node.expr.free_symbols:
                     symbols[sym] = _compat.symbol_hint(x, sym)
+    free: list[dict] = [{} for _ in sites]
     for factor in (2, 3):
         values = {sym: hint * factor for sym, hint in symbols.items()}
         got = None
         for symbolic in (True, False):
             try:
-                got = _specs_at(gm, fakes, values, symbolic, options)
+                got = _sites_at(gm, fakes, values, symbolic, options)
                 break
             except Exception as exc:  # noqa: BLE001 - try the other re-trace, then specialise
                 log.info("attn_inductor: %s re-trace at other sizes failed: %s", "symbolic" if symbolic else
                          "static", exc)
-        if got != specs:
-            return False
-    return True
+        if got is None or [spec for spec, _ in got] != [spec for spec, _ in sites]:
+            return None
+        for site_free, (_, targets), (_, other) in zip(free, sites, got):
+            if set(targets) != set(other):
+                return None
+            for name, shape in targets.items():
+                varies = [d for d, (a, b) in enumerate(zip(shape, other[name])) if a != b]
+                if len(shape) != len(other[name]) or len(varies) > 1 or \
+                        (varies and site_free.get(name, varies[0]) != varies[0]):
+                    return None
+                if varies:
+                    site_free[name] = varies[0]
+    return free
 
 
-def _specs_at(gm: fx.GraphModule, fakes: list, values: dict, symbolic: bool, options: BackendOptions) -> list[str]:
-    """The specs of the sites matched in ``gm`` traced with size symbols at ``values``."""
+def _sites_at(gm: fx.GraphModule, fakes: list, values: dict, symbolic: bool, options: BackendOptions) -> list:
+    """(spec JSON, reshape targets) of the sites matched in ``gm`` traced with size symbols at ``values``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -258,7 +275,7 @@ def _specs_at(gm: fx.GraphModule, fakes: list, values: dict, symbolic: bool, opt
         for sm in find_softmax_nodes(traced):
             m = match_attention(traced, sm, fully_masked_rows=options.fully_masked_rows)
             if not isinstance(m, MatchFailure):
-                specs.append(m.spec.to_json())
+                specs.append((m.spec.to_json(), reshape_targets(m)))
     return specs
 
 

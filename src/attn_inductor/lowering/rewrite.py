@@ -18,7 +18,7 @@ from .match import AttentionMatch, Operand
 aten = torch.ops.aten
 
 
-def _operand_node(graph: fx.Graph, op: Operand, shape: tuple) -> fx.Node:
+def _operand_node(graph: fx.Graph, op: Operand, shape: tuple, free: int | None = None) -> fx.Node:
     node = op.node
     if isinstance(node, tuple):  # ("squeeze2", n): [B, Hkv, 1, L, D] -> [B, Hkv, L, D]
         node = graph.call_function(aten.squeeze.dim, (node[1], 2))
@@ -26,8 +26,16 @@ def _operand_node(graph: fx.Graph, op: Operand, shape: tuple) -> fx.Node:
         node = graph.call_function(aten.transpose.int, (node, -2, -1))
     have = _shape_of(op)
     if tuple(have) != tuple(shape):
-        node = graph.call_function(aten.reshape.default, (node, list(shape)))
+        node = graph.call_function(aten.reshape.default, (node, _size_list(shape, free)))
     return node
+
+
+def _size_list(shape: tuple, free: int | None) -> list:
+    """``shape`` as a reshape's size list; ``free`` (the one size that varies with the length) as -1."""
+    sizes = list(shape)
+    if free is not None:
+        sizes[free] = -1
+    return sizes
 
 
 def _shape_of(op: Operand) -> tuple:
@@ -45,27 +53,35 @@ def _as_tensor(graph: fx.Graph, node):
     return node
 
 
-def needs_size_reshape(match: AttentionMatch) -> bool:
-    """Would the rewrite reshape an operand or the output to an explicit size list?"""
-    return any(tuple(_shape_of(op)) != tuple(shape) for op, shape in
-               ((match.q, match.q_shape), (match.k, match.k_shape), (match.v, match.v_shape))) or \
-        tuple(match.out_shape) != tuple(match.q_shape[:3] + match.v_shape[3:])
+RESHAPED = ("q", "k", "v", "out")
 
 
-def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str, any_length: bool = False
-                      ) -> fx.Node | None:
+def reshape_targets(match: AttentionMatch) -> dict:
+    """The size lists the rewrite would reshape to, by name in RESHAPED (only those that differ)."""
+    out = {}
+    for name, op, shape in (("q", match.q, match.q_shape), ("k", match.k, match.k_shape),
+                            ("v", match.v, match.v_shape)):
+        if tuple(_shape_of(op)) != tuple(shape):
+            out[name] = tuple(shape)
+    if tuple(match.out_shape) != tuple(match.q_shape[:3] + match.v_shape[3:]):
+        out["out"] = tuple(match.out_shape)
+    return out
+
+
+def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str, free: dict | None = None
+                      ) -> fx.Node:
     """Insert the op before the P·V node and reroute its users.  Returns the new call node.
 
-    ``any_length`` (Note [dynamic sizes] in backend.py): the graph has symbolic sizes and the shapes in
-    ``match`` are their hints, so a rewrite that would reshape to a size list is not made (None)."""
-    if any_length and needs_size_reshape(match):
-        return None
+    ``free`` (Note [dynamic sizes] in backend.py): for a graph with symbolic sizes, whose shapes in
+    ``match`` are their hints, the one dim of each reshape target (by name in RESHAPED) that varies with
+    the length, written -1."""
+    free = free or {}
     graph = gm.graph
     pv = match.output
     with graph.inserting_before(pv):
-        q = _operand_node(graph, match.q, match.q_shape)
-        k = _operand_node(graph, match.k, match.k_shape)
-        v = _operand_node(graph, match.v, match.v_shape)
+        q = _operand_node(graph, match.q, match.q_shape, free.get("q"))
+        k = _operand_node(graph, match.k, match.k_shape, free.get("k"))
+        v = _operand_node(graph, match.v, match.v_shape, free.get("v"))
         captured = [_as_tensor(graph, c) for c in match.captured]
         call = graph.call_function(
             torch.ops.attn_inductor.attention.default,
@@ -74,7 +90,7 @@ def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str, an
         out = graph.call_function(operator.getitem, (call, 0))
         out_shape = match.q_shape[:3] + match.v_shape[3:]
         if tuple(match.out_shape) != tuple(out_shape):
-            out = graph.call_function(aten.reshape.default, (out, list(match.out_shape)))
+            out = graph.call_function(aten.reshape.default, (out, _size_list(match.out_shape, free.get("out"))))
     pv.replace_all_uses_with(out)
     graph.erase_node(pv)
     return call
