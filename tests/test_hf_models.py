@@ -290,14 +290,24 @@ def test_inference_compile_matches_eager(family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "mistral", "gemma2", "qwen2", "t5", "bloom"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "mistral", "gemma2", "qwen2", "t5", "bloom",
+                                    "llama+checkpointing", "bloom+checkpointing"])
 def test_new_sequence_lengths_do_not_recompile(family):
     """Note [dynamic sizes] in backend.py: the second length brings Dynamo's symbolic graphs, rewritten for
-    any length; later lengths compile nothing new, every site stays rewritten, and each training step
-    (outputs and every parameter gradient) matches eager."""
+    any length (region capture included: BLOOM's autograd.Function, checkpointed layers); later lengths
+    compile nothing new, every site stays rewritten, and each training step (outputs and every parameter
+    gradient) matches eager."""
+    family, _, checkpointing = family.partition("+")
     factory = hf.FACTORIES[family]
     model, _ = factory()
+    if checkpointing:
+        model.activation_checkpointing_enable()
     model.train()
+    with _checkpoint_side_effects_skipped():
+        _check_new_lengths(family, factory, model)
+
+
+def _check_new_lengths(family, factory, model):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled_model = copy.deepcopy(model)

@@ -193,7 +193,8 @@ def _rewrite_for_any_length(gm: fx.GraphModule, aten_gm: fx.GraphModule, example
     return aten_gm, reports
 
 
-def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: BackendOptions) -> list | None:
+def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: BackendOptions,
+                                regions: bool = False) -> list | None:
     """Re-trace ``gm`` with every size symbol at 2x and 3x its hint and match again (guards suppressed).
 
     ``sites``: (spec JSON, reshape targets) of each site matched at the hints.  The re-traces must give
@@ -217,7 +218,7 @@ def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: Backen
         got = None
         for symbolic in (True, False):
             try:
-                got = _sites_at(gm, fakes, values, symbolic, options)
+                got = _sites_at(gm, fakes, values, symbolic, options, regions)
                 break
             except Exception as exc:  # noqa: BLE001 - try the other re-trace, then specialise
                 log.info("attn_inductor: %s re-trace at other sizes failed: %s", "symbolic" if symbolic else
@@ -237,8 +238,10 @@ def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: Backen
     return free
 
 
-def _sites_at(gm: fx.GraphModule, fakes: list, values: dict, symbolic: bool, options: BackendOptions) -> list:
-    """(spec JSON, reshape targets) of the sites matched in ``gm`` traced with size symbols at ``values``."""
+def _sites_at(gm: fx.GraphModule, fakes: list, values: dict, symbolic: bool, options: BackendOptions,
+              regions: bool = False) -> list:
+    """(spec JSON, reshape targets) of the sites matched in ``gm`` traced with size symbols at ``values``
+    (whole, or as region capture traces it: ``regions``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -259,17 +262,20 @@ def _sites_at(gm: fx.GraphModule, fakes: list, values: dict, symbolic: bool, opt
         def size(x):
             return _compat.concrete_size(x, values)
     mode = FakeTensorMode(shape_env=env)
-    with mode:
-        args = []
-        for val in fakes:
-            if isinstance(val, torch.SymInt):
-                args.append(size(val))
-            elif isinstance(val, torch.Tensor):
-                args.append(torch.empty_strided([size(x) for x in val.shape], [size(x) for x in val.stride()],
-                                                dtype=val.dtype, device=val.device, requires_grad=val.requires_grad))
-            else:
-                args.append(val)
-        traced = make_fx(gm, pre_dispatch=True, tracing_mode="real")(*args)
+
+    def remake(val):  # call inside ``mode``
+        if isinstance(val, torch.SymInt):
+            return size(val)
+        if isinstance(val, torch.Tensor):
+            return torch.empty_strided([size(x) for x in val.shape], [size(x) for x in val.stride()],
+                                       dtype=val.dtype, device=val.device, requires_grad=val.requires_grad)
+        return val
+
+    if regions:
+        traced = RegionCapture(gm, fakes, fake_mode=mode, remake=remake).aten_gm
+    else:
+        with mode:
+            traced = make_fx(gm, pre_dispatch=True, tracing_mode="real")(*[remake(v) for v in fakes])
     specs = []
     with env.suppress_guards() if env is not None else contextlib.nullcontext():
         for sm in find_softmax_nodes(traced):
@@ -284,6 +290,15 @@ def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOp
     """Region capture (Note [region capture]): HOPs stay opaque, transparent bodies are rewritten in place."""
     if not softmax_calls(gm):
         return None, []  # no softmax anywhere (bodies included): spare the trace
+    shape_env = _compat.symbolic_shape_env(gm)
+    if shape_env is not None:
+        try:
+            generic = _regions_for_any_length(gm, example_inputs, options, graph_id, config, shape_env)
+        except Exception as exc:  # noqa: BLE001 - the specialised path is always there
+            log.info("attn_inductor: region capture with symbolic sizes failed, specialising: %s", exc)
+            generic = None
+        if generic is not None:
+            return generic
     try:
         capture = RegionCapture(gm, example_inputs)
     except Exception as exc:  # noqa: BLE001 - CaptureError, or a bug of ours: the graph goes to stock Inductor
@@ -304,6 +319,38 @@ def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOp
         log.warning("attn_inductor: region rewrite failed, compiling with stock Inductor: %s", exc, exc_info=True)
         reports = [SiteReport(graph=graph_id, site=i, node=capture.prefix_of(sm) + sm.name, rewritten=False,
                               reason=f"internal error: {type(exc).__name__}: {exc}") for i, sm in enumerate(softmaxes)]
+        new_gm = None
+    for refusal in capture.refusals:
+        for name in refusal.softmax_names:
+            reports.append(SiteReport(graph=graph_id, site=len(reports), node=refusal.prefix + name,
+                                      rewritten=False, reason=refusal.reason))
+    return new_gm, reports
+
+
+def _regions_for_any_length(gm: fx.GraphModule, example_inputs, options: BackendOptions, graph_id: int,
+                            config: str, shape_env):
+    """Note [dynamic sizes] for region capture: (new graph or None, reports), or None to specialise."""
+    with shape_env.suppress_guards():
+        capture = RegionCapture(gm, example_inputs)
+        pending: list[AttentionMatch] = []
+        softmaxes = find_softmax_nodes(capture.aten_gm)
+        reports = _rewrite_sites(capture.aten_gm, softmaxes, graph_id, 0, options, pending.append,
+                                 capture.real_inputs, capture.source_names, capture.prefix_of)
+        sites = [(m.spec.to_json(), reshape_targets(m)) for m in pending]
+    if pending:
+        free = _free_dims_at_other_lengths(gm, sites, options, regions=True)
+        if free is None:
+            return None
+        rewritten = [r for r in reports if r.rewritten]
+        with shape_env.suppress_guards():
+            for m, site_free, report in zip(pending, free, rewritten):
+                try:
+                    capture.splice(m, config, free=site_free)
+                except SpliceError as exc:
+                    report.rewritten, report.reason = False, \
+                        f"matched, but the rewrite could not be put back into the graph: {exc}"
+            new_gm = capture.commit()
+    else:
         new_gm = None
     for refusal in capture.refusals:
         for name in refusal.softmax_names:

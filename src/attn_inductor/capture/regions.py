@@ -175,8 +175,11 @@ class _TreeInterpreter(fx.Interpreter):
 class RegionCapture:
     """A Dynamo graph with HOPs, its transparent bodies, and the aten trace used to match them."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs):
-        self.fake_mode = _compat.fake_mode_of_graph(gm)
+    def __init__(self, gm: fx.GraphModule, example_inputs, fake_mode=None, remake=None):
+        """``fake_mode`` and ``remake`` (a fake of Dynamo's -> a fake of ``fake_mode``) trace the graph at
+        other sizes than Dynamo's (Note [dynamic sizes] in backend.py); by default Dynamo's own fakes."""
+        self.fake_mode = fake_mode or _compat.fake_mode_of_graph(gm)
+        self._remake = remake or (lambda t: t)
         if self.fake_mode is None:
             raise CaptureError("Dynamo recorded no fake inputs for this graph")
         self.top = _Graph(_copy_graph_module(gm), "")
@@ -238,6 +241,8 @@ class RegionCapture:
         fakes = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
         if any(f is None for f in fakes) or len(fakes) != len(example_inputs):
             raise CaptureError("Dynamo recorded no fake inputs for this graph")
+        with self.fake_mode:
+            fakes = [self._remake(f) for f in fakes]
         # an opaque HOP's outputs become inputs: fresh fakes, so no two inputs are the same tensor
         hop_inputs, specs = [], {}
         with self.fake_mode:
@@ -249,7 +254,7 @@ class RegionCapture:
                 for leaf in leaves:
                     if isinstance(leaf, torch.Tensor):
                         slots.append(len(hop_inputs))
-                        hop_inputs.append(_fresh_fake(leaf))
+                        hop_inputs.append(_fresh_fake(self._remake(leaf)))
                     elif leaf is None or type(leaf) in (int, float, bool):
                         slots.append(("const", leaf))
                     else:
@@ -322,10 +327,11 @@ class RegionCapture:
         self.values.setdefault(a, []).insert(0, (g, ph, ()))
         return ph
 
-    def splice(self, m: AttentionMatch, config: str) -> None:
+    def splice(self, m: AttentionMatch, config: str, free: dict | None = None) -> None:
         """Rewrite site ``m`` in the aten graph and splice the result into its Dynamo graph.
 
-        Raises SpliceError, Dynamo graphs untouched, when the site cannot be spliced."""
+        ``free``: as for ``rewrite_attention``.  Raises SpliceError, Dynamo graphs untouched, when the
+        site cannot be spliced."""
         pv = m.output
         hit = next(((g, n) for g, n, path in self.values.get(pv, ()) if path == ()), None)
         if hit is None:
@@ -335,7 +341,7 @@ class RegionCapture:
 
         anchor = pv.next
         existing = set(self.aten_gm.graph.nodes)
-        rewrite_attention(self.aten_gm, m, config)
+        rewrite_attention(self.aten_gm, m, config, free=free)
         out = anchor.prev
         self.values[out] = [(g, dyn_pv, ())]  # same value as the node it replaces, until spliced
 
