@@ -356,3 +356,25 @@ def test_length_dependent_specs_are_specialised():
         counters = _lengths_run(fn, (16, 24, 32), batches=batches)
         assert counters["stats"]["unique_graphs"] == 3
         assert counters["attn_inductor"]["rewritten"] == 3 and not counters["attn_inductor"]["not_rewritten"]
+
+
+def test_captured_sizes_enter_on_the_inputs_device():
+    """A size the score reads becomes a 0-d int64 tensor made on the device of the attention's inputs (a
+    CPU scalar would be refused next to CUDA inputs)."""
+    from attn_inductor.backend import rewrite_graph
+
+    _fresh()
+    seen = []
+
+    def spy(gm, example_inputs):
+        new_gm, reports = rewrite_graph(gm, example_inputs, BackendOptions.from_dict(None))
+        if new_gm is not None:
+            seen.extend(n for n in new_gm.graph.nodes if n.target is torch.ops.aten.scalar_tensor.default)
+        return gm.forward
+
+    fn = _naive_relbias(torch.randn(2 * 40 - 1))
+    compiled = torch.compile(fn, backend=spy)
+    for n in (16, 24):
+        compiled(*(torch.randn(2, 2, n, 8) for _ in range(3)))
+    assert seen and all(n.kwargs["dtype"] == torch.int64 and n.kwargs["device"] == torch.device("cpu")
+                        for n in seen)

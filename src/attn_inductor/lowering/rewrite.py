@@ -44,12 +44,12 @@ def _shape_of(op: Operand) -> tuple:
     return tuple(_op_shape(op))
 
 
-def _as_tensor(graph: fx.Graph, node):
+def _as_tensor(graph: fx.Graph, node, device):
     """A captured size (a SymInt the score reads, e.g. ``L - 1`` in a relative-position index) enters the
-    op as a 0-d int64 tensor: the op's ``captured`` is a list of tensors."""
+    op as a 0-d int64 tensor on the inputs' device: the op's ``captured`` is a list of tensors."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else node
     if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
-        return graph.call_function(aten.scalar_tensor.default, (node,), {"dtype": torch.int64})
+        return graph.call_function(aten.scalar_tensor.default, (node,), {"dtype": torch.int64, "device": device})
     return node
 
 
@@ -82,7 +82,8 @@ def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, config: str, fr
         q = _operand_node(graph, match.q, match.q_shape, free.get("q"))
         k = _operand_node(graph, match.k, match.k_shape, free.get("k"))
         v = _operand_node(graph, match.v, match.v_shape, free.get("v"))
-        captured = [_as_tensor(graph, c) for c in match.captured]
+        device = pv.meta["val"].device if isinstance(pv.meta.get("val"), torch.Tensor) else None
+        captured = [_as_tensor(graph, c, device) for c in match.captured]
         call = graph.call_function(
             torch.ops.attn_inductor.attention.default,
             (q, k, v, captured, match.spec.to_json(), config),
