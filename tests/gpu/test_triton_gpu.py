@@ -148,6 +148,78 @@ def test_dead_rows_nan_in_the_backward():
         torch.testing.assert_close(nan[i][1], zero[i][1], atol=0, rtol=0)
 
 
+# ----------------------------------------------------------------------------- call-to-call changes
+
+def test_changing_padding_masks_do_not_sync():
+    """Note [changing mask tensors]: a padding mask that is a new tensor every call is classified on the
+    device; after a warm-up call, forward and backward with new masks run under CUDA's sync debug mode set
+    to "error" (any device-to-host sync raises), and equal the CPU path's answers."""
+    from attn_inductor.lowering.spec import AttentionSpec
+    from attn_inductor.ops import default_config
+
+    b, h, n, d = 2, 4, 1024, 64
+    q, k, v, do = _inputs(b, h, h, n, n, d, torch.bfloat16, device=CUDA)
+    pad = E.call("ne", E.Load(0, (E.b, E.kv_idx), E.INT64), E.const(0, E.INT64), dtype=BOOL)
+    spec = AttentionSpec(score_live=E.score, mask=E.and_(causal_mask(), pad), scale=d ** -0.5,
+                         num_captured=1).to_json()
+    cfg = default_config(impl="triton")
+
+    def keep_mask(right_pad):
+        m = torch.ones(b, n, dtype=torch.int64, device=CUDA)
+        m[1, n - right_pad:] = 0
+        return m
+
+    def step(mask):
+        out = torch.ops.attn_inductor.attention.default(q, k, v, [mask], spec, cfg)
+        grads = torch.ops.attn_inductor.attention_backward.default(q, k, v, *out, do, [mask], [False], spec, cfg)
+        return out[0], grads[:3]
+
+    step(keep_mask(0))
+    torch.cuda.synchronize()
+    masks = [keep_mask(p) for p in (100, 300, 517)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [step(m) for m in masks]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu_cfg = default_config(impl="cpu")
+    for m, (out, grads) in zip(masks, results):
+        args = [t.detach().cpu().float() for t in (q, k, v)]
+        want = torch.ops.attn_inductor.attention.default(*args, [m.cpu()], spec, cpu_cfg)
+        torch.testing.assert_close(out.float().cpu(), want[0], atol=2e-2, rtol=2e-2)
+
+
+def test_new_lengths_one_symbolic_graph_on_cuda():
+    """Note [dynamic sizes]: a compiled naive causal attention with a length-dependent relative bias, on
+    CUDA, at five lengths: two graphs, every site rewritten to the Triton kernel, outputs and gradients
+    within the numerics rule against fp64."""
+    from attn_inductor.testing.numerics import assert_close_to_reference
+
+    table = torch.randn(2 * 640 - 1, device=CUDA) * 0.1
+
+    def fn(q, k, v):
+        s = (q @ k.transpose(-1, -2)).float() * 0.125
+        n = s.shape[-1]
+        i = torch.arange(n, device=s.device)[:, None]
+        j = torch.arange(n, device=s.device)[None, :]
+        s = (s + table[i - j + n - 1]).masked_fill(i < j, float("-inf"))
+        return s.softmax(-1).to(v.dtype) @ v
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(fn, backend="flexattn")
+    for n in (256, 320, 384, 512, 640):
+        q, k, v = (torch.randn(2, 4, n, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        out = compiled(q, k, v)
+        ref = fn(*(t.detach().double().requires_grad_(True) for t in (q, k, v)))
+        eager = fn(q, k, v)
+        assert_close_to_reference(out.detach(), ref.detach(), eager.detach(), name=f"out L={n}")
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["attn_inductor"]["rewritten"] == 2 and not counters["attn_inductor"]["not_rewritten"]
+
+
 # ----------------------------------------------------------------------------- speed
 
 
@@ -200,3 +272,4 @@ def test_speed_vs_flex_attention(mask_kind):
           f"flex {t_flex_all:.3f} ms")
     assert t_ours_fwd <= t_flex_fwd / 0.9, "forward slower than 90% of FlexAttention"
     assert t_ours_all <= t_flex_all / 0.9, "forward + backward slower than 90% of FlexAttention"
+
