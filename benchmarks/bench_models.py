@@ -7,6 +7,7 @@ forward and of a training step (forward + backward of the LM loss), peak memory 
 and for flexattn the number of attention sites rewritten.
 
     python benchmarks/bench_models.py --models gpt2,llama --seqs 2048,8192 --out $OUT
+    python benchmarks/bench_models.py --models llama --seqs 2048 --padded --out $OUT   # padded batches
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def main(argv=None):
     p.add_argument("--seqs", default="2048,8192")
     p.add_argument("--backends", default="eager,inductor,flexattn")
     p.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seq")
+    p.add_argument("--padded", action="store_true",
+                   help="a new right-padding attention_mask (random lengths, at least half the sequence) on every "
+                        "call, as a padded training loop passes: exercises the soft-mask path and the per-call "
+                        "block sparsity of a changing mask (Note [changing mask tensors])")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     a = p.parse_args(argv)
     import transformers
@@ -87,13 +92,21 @@ def main(argv=None):
                     run = model if backend == "eager" else torch.compile(
                         model, backend="flexattn" if backend == "flexattn" else "inductor", dynamic=False)
 
+                    positions = torch.arange(seq, device="cuda")
+
+                    def extra():
+                        if not a.padded:
+                            return {}
+                        lengths = torch.randint(seq // 2, seq + 1, (batch, 1), device="cuda")
+                        return {"attention_mask": (positions < lengths).long()}  # a new tensor, no host sync
+
                     def fwd():
                         with torch.no_grad():
-                            return run(input_ids=ids).logits
+                            return run(input_ids=ids, **extra()).logits
 
                     def train():
                         model.zero_grad(set_to_none=True)
-                        out = run(input_ids=ids, labels=ids)
+                        out = run(input_ids=ids, labels=ids, **extra())
                         out.loss.backward()
 
                     t0 = time.time()
@@ -118,11 +131,11 @@ def main(argv=None):
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
     os.makedirs(a.out, exist_ok=True)
-    tag = f"{a.models.replace(',', '_')}_{a.seqs.replace(',', '_')}"
+    tag = f"{a.models.replace(',', '_')}_{a.seqs.replace(',', '_')}" + ("_padded" if a.padded else "")
     with open(os.path.join(a.out, f"models_{tag}.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
     lines = [f"GPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-             f"git {env['git_sha'][:10]}, bf16", "",
+             f"git {env['git_sha'][:10]}, bf16" + (", a new padding mask every call" if a.padded else ""), "",
              "| model | seq x batch | backend | forward ms | train step ms | train peak GiB | sites rewritten |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
