@@ -332,8 +332,12 @@ def test_new_lengths_reuse_one_symbolic_graph():
     """Note [dynamic sizes]: the second length brings Dynamo's symbolic graph, rewritten for any length;
     ten lengths (past Dynamo's recompile limit of 8) make two graphs, every one rewritten and correct,
     forward and backward."""
-    counters = _lengths_run(_naive_causal, range(16, 96, 8), train=True)
+    from attn_inductor.backend import collect_reports
+
+    with collect_reports() as reports:
+        counters = _lengths_run(_naive_causal, range(16, 96, 8), train=True)
     assert counters["stats"]["unique_graphs"] == 2
+    assert [r.lengths for r in reports] == [None, "any (one graph with symbolic sizes)"]
     assert counters["attn_inductor"]["rewritten"] == 2 and not counters["attn_inductor"]["not_rewritten"]
 
 
@@ -352,10 +356,17 @@ def test_length_dependent_specs_are_specialised():
     """A spec holding a constant that came from the length, or a reshape whose sizes vary in two dims
     (batch and length of a [B*H, L, D] layout), is specialised: a graph per shape, every one rewritten,
     every answer right."""
+    from attn_inductor.backend import collect_reports
+
+    why = {_naive_flat_bias: "a spec holds a constant computed from a size",
+           _bmm_causal: "a reshape of q has more than one size that varies"}
     for fn, batches in ((_naive_flat_bias, None), (_bmm_causal, (2, 3, 4))):  # batch and length both vary
-        counters = _lengths_run(fn, (16, 24, 32), batches=batches)
+        with collect_reports() as reports:
+            counters = _lengths_run(fn, (16, 24, 32), batches=batches)
         assert counters["stats"]["unique_graphs"] == 3
         assert counters["attn_inductor"]["rewritten"] == 3 and not counters["attn_inductor"]["not_rewritten"]
+        assert reports[0].lengths is None and all(r.lengths.startswith("this shape only") and why[fn] in r.lengths
+                                                  for r in reports[1:]), [r.lengths for r in reports]
 
 
 def test_captured_sizes_enter_on_the_inputs_device():

@@ -125,20 +125,35 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
                                       reason=f"graph not captured: {exc}"))
         return None, reports
     shape_env = _compat.symbolic_shape_env(gm)
+    specialised = None
     if shape_env is not None:
         generic = _rewrite_for_any_length(gm, aten_gm, example_inputs, options, graph_id, config, shape_env)
-        if generic is not None:
+        if not isinstance(generic, str):
             return generic
+        specialised = generic
         aten_gm = capture_aten_graph(gm, example_inputs)  # the attempt may have edited its graph
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
     source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
     reports = _rewrite_sites(aten_gm, find_softmax_nodes(aten_gm), graph_id, 0, options,
                              lambda m: rewrite_attention(aten_gm, m, config), real_inputs, source_names)
+    if shape_env is not None:
+        _note_lengths(reports, specialised)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.graph.lint()
     aten_gm.recompile()
     return aten_gm, reports
+
+
+_ANY_LENGTH = "any (one graph with symbolic sizes)"
+
+
+def _note_lengths(reports: list[SiteReport], specialised: str | None) -> None:
+    """Say, on a symbolic graph's rewritten sites, whether the graph serves every length."""
+    for r in reports:
+        if r.rewritten:
+            r.lengths = _ANY_LENGTH if specialised is None else f"this shape only (recompiles per length): " \
+                                                                  f"{specialised}"
 
 
 # Note [dynamic sizes]
@@ -167,7 +182,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
 
 def _rewrite_for_any_length(gm: fx.GraphModule, aten_gm: fx.GraphModule, example_inputs, options: BackendOptions,
                             graph_id: int, config: str, shape_env):
-    """Note [dynamic sizes]: the rewritten symbolic graph and its reports, or None to specialise."""
+    """Note [dynamic sizes]: the rewritten symbolic graph and its reports, or why it is specialised."""
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
     source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
@@ -179,14 +194,15 @@ def _rewrite_for_any_length(gm: fx.GraphModule, aten_gm: fx.GraphModule, example
             sites = [(m.spec.to_json(), reshape_targets(m)) for m in pending]
     except Exception as exc:  # noqa: BLE001 - the specialised path is always there
         log.info("attn_inductor: matching with symbolic sizes failed, specialising: %s", exc)
-        return None
+        return f"matching with symbolic sizes failed ({type(exc).__name__})"
     if pending:
         free = _free_dims_at_other_lengths(gm, sites, options)
-        if free is None:
-            return None
+        if isinstance(free, str):
+            return free
         with shape_env.suppress_guards():  # the rewrite reads the same hinted sizes again
             for m, site_free in zip(pending, free):
                 rewrite_attention(aten_gm, m, config, free=site_free)
+    _note_lengths(reports, None)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.graph.lint()
     aten_gm.recompile()
@@ -194,12 +210,12 @@ def _rewrite_for_any_length(gm: fx.GraphModule, aten_gm: fx.GraphModule, example
 
 
 def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: BackendOptions,
-                                regions: bool = False) -> list | None:
+                                regions: bool = False) -> list | str:
     """Re-trace ``gm`` with every size symbol at 2x and 3x its hint and match again (guards suppressed).
 
     ``sites``: (spec JSON, reshape targets) of each site matched at the hints.  The re-traces must give
     the same specs; a reshape target may differ from its hint values in one dim at most, which the
-    rewrite writes as -1.  Returns, per site, {target name: that dim}, or None (specialise).  The sizes
+    rewrite writes as -1.  Returns, per site, {target name: that dim}, or why not (specialise).  The sizes
     stay symbolic in the re-trace, so a spec that reads a size at run time (a captured length) compares
     equal, and one that baked a hint into a constant does not; where this torch's ShapeEnv cannot be
     driven so, the re-trace is static."""
@@ -223,16 +239,18 @@ def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: Backen
             except Exception as exc:  # noqa: BLE001 - try the other re-trace, then specialise
                 log.info("attn_inductor: %s re-trace at other sizes failed: %s", "symbolic" if symbolic else
                          "static", exc)
-        if got is None or [spec for spec, _ in got] != [spec for spec, _ in sites]:
-            return None
+        if got is None:
+            return "the graph could not be re-traced at other sizes"
+        if [spec for spec, _ in got] != [spec for spec, _ in sites]:
+            return "a spec holds a constant computed from a size (it differs at other sizes)"
         for site_free, (_, targets), (_, other) in zip(free, sites, got):
             if set(targets) != set(other):
-                return None
+                return "the rewrite's reshapes differ at other sizes"
             for name, shape in targets.items():
                 varies = [d for d, (a, b) in enumerate(zip(shape, other[name])) if a != b]
                 if len(shape) != len(other[name]) or len(varies) > 1 or \
                         (varies and site_free.get(name, varies[0]) != varies[0]):
-                    return None
+                    return f"a reshape of {name} has more than one size that varies"
                 if varies:
                     site_free[name] = varies[0]
     return free
@@ -291,14 +309,16 @@ def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOp
     if not softmax_calls(gm):
         return None, []  # no softmax anywhere (bodies included): spare the trace
     shape_env = _compat.symbolic_shape_env(gm)
+    specialised = None
     if shape_env is not None:
         try:
             generic = _regions_for_any_length(gm, example_inputs, options, graph_id, config, shape_env)
         except Exception as exc:  # noqa: BLE001 - the specialised path is always there
             log.info("attn_inductor: region capture with symbolic sizes failed, specialising: %s", exc)
-            generic = None
-        if generic is not None:
+            generic = f"region capture with symbolic sizes failed ({type(exc).__name__})"
+        if not isinstance(generic, str):
             return generic
+        specialised = generic
     try:
         capture = RegionCapture(gm, example_inputs)
     except Exception as exc:  # noqa: BLE001 - CaptureError, or a bug of ours: the graph goes to stock Inductor
@@ -315,6 +335,8 @@ def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOp
                                  lambda m: capture.splice(m, config), capture.real_inputs, capture.source_names,
                                  capture.prefix_of)
         new_gm = capture.commit()
+        if shape_env is not None:
+            _note_lengths(reports, specialised)
     except Exception as exc:  # noqa: BLE001 - the graph is left as Dynamo produced it
         log.warning("attn_inductor: region rewrite failed, compiling with stock Inductor: %s", exc, exc_info=True)
         reports = [SiteReport(graph=graph_id, site=i, node=capture.prefix_of(sm) + sm.name, rewritten=False,
@@ -339,8 +361,8 @@ def _regions_for_any_length(gm: fx.GraphModule, example_inputs, options: Backend
         sites = [(m.spec.to_json(), reshape_targets(m)) for m in pending]
     if pending:
         free = _free_dims_at_other_lengths(gm, sites, options, regions=True)
-        if free is None:
-            return None
+        if isinstance(free, str):
+            return free
         rewritten = [r for r in reports if r.rewritten]
         with shape_env.suppress_guards():
             for m, site_free, report in zip(pending, free, rewritten):
@@ -352,6 +374,7 @@ def _regions_for_any_length(gm: fx.GraphModule, example_inputs, options: Backend
             new_gm = capture.commit()
     else:
         new_gm = None
+    _note_lengths(reports, None)
     for refusal in capture.refusals:
         for name in refusal.softmax_names:
             reports.append(SiteReport(graph=graph_id, site=len(reports), node=refusal.prefix + name,

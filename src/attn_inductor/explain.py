@@ -75,6 +75,8 @@ class ExplainReport:
                     lines.append(f"         note: {s.sparsity_note}")
                 if s.walk:
                     lines.append(f"         walk:  {s.walk}")
+                if s.lengths:
+                    lines.append(f"         lengths: {s.lengths}")
                 if s.block_map:
                     for row in s.block_map.splitlines():
                         lines.append(f"         {row}")
