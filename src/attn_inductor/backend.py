@@ -30,7 +30,6 @@ from . import _compat, ops  # noqa: F401  (ops registers the custom op)
 from .capture.aten import CaptureError, capture_aten_graph
 from .capture.regions import (RegionCapture, SpliceError, has_higher_order_ops,
                               softmax_calls)
-from .lowering.extract import node_shape
 from .lowering.match import AttentionMatch, MatchFailure, find_softmax_nodes, match_attention
 from .lowering.rewrite import reshape_targets, rewrite_attention
 from .options import BackendOptions

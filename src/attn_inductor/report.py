@@ -36,7 +36,7 @@ class SiteReport:
     implementation: str | None = None
     blocks: tuple | None = None
     walk: str | None = None             # how the kernels find their tiles: closed-form bounds or tables
-    lengths: str | None = None          # a graph with symbolic sizes: does it serve every length? (Note [dynamic sizes])
+    lengths: str | None = None          # symbolic sizes: every length, or why not (Note [dynamic sizes])
     captured: list = field(default_factory=list)
 
     def to_dict(self) -> dict:

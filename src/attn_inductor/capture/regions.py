@@ -57,8 +57,6 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, m
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path
 
 from .. import _compat
-from ..lowering import expr as E
-from ..lowering.extract import node_shape
 from ..lowering.match import AttentionMatch
 from ..lowering.rewrite import rewrite_attention
 from .aten import CaptureError
