@@ -352,6 +352,23 @@ def test_sizes_read_at_run_time_stay_generic(fn):
     assert counters["attn_inductor"]["rewritten"] == 2 and not counters["attn_inductor"]["not_rewritten"]
 
 
+def _naive_window_64(q, k, v):
+    s = q @ k.transpose(-1, -2) * 0.125
+    n = s.shape[-1]
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    return s.masked_fill((i < j) | (i - j >= 64), float("-inf")).softmax(-1) @ v
+
+
+def test_window_wider_than_the_traced_lengths():
+    """A 64-token window traced at 20 tokens (and re-traced at 40 and 60) always holds there; the symbolic
+    graph must keep it anyway, since it also serves 100 and 300 tokens (index ranges of symbolic sizes are
+    unbounded in the simplifier).  Folded away, the answers at 100 and 300 were wrong."""
+    counters = _lengths_run(_naive_window_64, (16, 20, 100, 300))
+    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["attn_inductor"]["rewritten"] == 2 and not counters["attn_inductor"]["not_rewritten"]
+
+
 def test_length_dependent_specs_are_specialised():
     """A spec holding a constant that came from the length, or a reshape whose sizes vary in two dims
     (batch and length of a [B*H, L, D] layout), is specialised: a graph per shape, every one rewritten,

@@ -208,7 +208,7 @@ def _match(gm, softmax: fx.Node, fully_masked_rows: str):
 
     # ---- the score expression, in the softmax index space
     index = {4: (E.b, E.h, E.q_idx, E.kv_idx), 3: (E.b, E.q_idx, E.kv_idx), 2: (E.q_idx, E.kv_idx)}[rank]
-    ranges = {ix.name: (0, n - 1) for ix, n in zip(index, sm_shape)}
+    ranges = {ix.name: (0, n - 1) for ix, n in zip(index, _index_extents(softmax, sm_shape))}
     score_index = tuple(index) if s_shape == sm_shape else reshape_index(s_shape, sm_shape, index)
     ex = Extractor(gm, score_node, score_index, E.score, index_ranges=ranges)
     if skind[0] == "baddbmm":
@@ -231,6 +231,23 @@ def _match(gm, softmax: fx.Node, fully_masked_rows: str):
         softmax=softmax, output=pv, q=q_op, k=k_op, v=v_op, captured=list(ex.captured), spec=spec,
         out_shape=out_shape, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape,
     )
+
+
+#: the extent of an index whose size is symbolic: any length (Note [dynamic sizes] in backend.py)
+UNBOUNDED = 1 << 62
+
+
+def _index_extents(softmax: fx.Node, shape) -> tuple:
+    """Each dim's extent for the range-based simplification of the score (``E.simplify``).
+
+    A dim with a symbolic size (Dynamo's dynamic shapes) may take any length at run time, so its range is
+    unbounded: a comparison such as ``q_idx - kv_idx < 64`` must not fold to True because it holds
+    for the length the graph was traced at."""
+    val = softmax.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return tuple(shape)
+    return tuple(UNBOUNDED if isinstance(d, torch.SymInt) and not d.node.expr.is_number else n
+                 for d, n in zip(val.shape, shape))
 
 
 def _find_score_node(x: fx.Node, shape) -> fx.Node | None:
