@@ -365,7 +365,7 @@ def test_every_softmax_gets_a_report():
 
 
 def test_splice_failure_leaves_the_site(monkeypatch):
-    def refuse(self, m, config):
+    def refuse(self, m, config, free=None):
         raise SpliceError("refused by the test")
 
     monkeypatch.setattr(RegionCapture, "splice", refuse)

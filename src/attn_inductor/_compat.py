@@ -84,20 +84,14 @@ def symbolic_shape_env(gm: torch.fx.GraphModule):
     return getattr(mode, "shape_env", None)
 
 
-def symbol_hint(x: torch.SymInt, sym) -> int:
-    """The value Dynamo recorded for size symbol ``sym`` of ``x`` (its hint), read without a guard."""
-    shape_env = x.node.shape_env
-    # torch 2.13 renamed the dict (the old name warns); 2.11 has only the old one
-    name = "backed_var_to_val" if hasattr(type(shape_env), "backed_var_to_val") or \
-        "backed_var_to_val" in vars(shape_env) else "var_to_val"
-    values = getattr(shape_env, name, None)
-    if values is not None and sym in values:
-        return int(values[sym])
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return int(shape_env.size_hint(sym))
+def symbol_hint(x: torch.SymInt, sym) -> int | None:
+    """The value Dynamo recorded for size symbol ``sym`` of ``x`` (its hint), read without a guard; None
+    for a symbol with none (an unbacked, data-dependent size)."""
+    shape_env = vars(x.node.shape_env)
+    # torch 2.13 keeps the hints in ``backed_var_to_val`` (``var_to_val`` is a warning property there);
+    # torch 2.11 has only ``var_to_val``
+    values = shape_env.get("backed_var_to_val", shape_env.get("var_to_val")) or {}
+    return int(values[sym]) if sym in values else None
 
 
 def concrete_size(x, values: dict) -> int:

@@ -66,6 +66,10 @@ _graph_counter = [0]
 _ALWAYS_REGIONS = False
 
 
+def _not_spliced(exc: SpliceError) -> str:
+    return f"matched, but the rewrite could not be put back into the graph: {exc}"
+
+
 def _rewrite_sites(aten_gm: fx.GraphModule, softmaxes: list[fx.Node], graph_id: int, first_site: int,
                    options: BackendOptions, splice: Callable[[AttentionMatch], None], real_inputs: dict,
                    source_names: dict, prefix_of: Callable[[fx.Node], str] | None = None,
@@ -93,8 +97,7 @@ def _rewrite_sites(aten_gm: fx.GraphModule, softmaxes: list[fx.Node], graph_id: 
                 try:
                     splice(m)
                 except SpliceError as exc:
-                    report = describe_failure(graph_id, i, sm, MatchFailure(
-                        f"matched, but the rewrite could not be put back into the graph: {exc}", sm.name))
+                    report = describe_failure(graph_id, i, sm, MatchFailure(_not_spliced(exc), sm.name))
         prefix = prefix_of(sm) if prefix_of is not None else ""
         if prefix and report.node:
             report.node = prefix + report.node
@@ -123,21 +126,14 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: BackendOptions
             reports.append(SiteReport(graph=graph_id, site=i, node=name, rewritten=False,
                                       reason=f"graph not captured: {exc}"))
         return None, reports
-    shape_env = _compat.symbolic_shape_env(gm)
-    specialised = None
-    if shape_env is not None:
-        generic = _rewrite_for_any_length(gm, aten_gm, example_inputs, options, graph_id, config, shape_env)
-        if not isinstance(generic, str):
-            return generic
-        specialised = generic
-        aten_gm = capture_aten_graph(gm, example_inputs)  # the attempt may have edited its graph
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
     source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
-    reports = _rewrite_sites(aten_gm, find_softmax_nodes(aten_gm), graph_id, 0, options,
-                             lambda m: rewrite_attention(aten_gm, m, config), real_inputs, source_names)
-    if shape_env is not None:
-        _note_lengths(reports, specialised)
+    softmaxes = find_softmax_nodes(aten_gm)
+    reports = _rewrite_for_this_graph(
+        gm, options,
+        lambda splice: _rewrite_sites(aten_gm, softmaxes, graph_id, 0, options, splice, real_inputs, source_names),
+        lambda m, free=None: rewrite_attention(aten_gm, m, config, free=free))
     aten_gm.graph.eliminate_dead_code()
     aten_gm.graph.lint()
     aten_gm.recompile()
@@ -173,39 +169,67 @@ def _note_lengths(reports: list[SiteReport], specialised: str | None) -> None:
 #     - each reshape the rewrite inserts ([B*H, L, D] layouts) varies in one
 #       dim at most, which it writes as -1.
 #     Anything else falls back to the specialised match (guards on the sizes).
-#     Two other lengths are evidence, not proof, of length independence; the
-#     extractor's size reads that stay ints (shapes of views and broadcasts)
-#     are structural and were equal in all three traces.  The op itself takes
-#     any shapes: the runtime sizes its tables per call.
+#     Two other sizes are evidence, not proof, of length independence: an
+#     int read of a size inside the extractor (a reshape's index arithmetic)
+#     would have to give the same spec at the hint, 2x and 3x to slip through.
+#     Smaller sizes are not probed: simplifications the extractor makes from
+#     index ranges (T5's bucket branches fold away for short sequences) are
+#     valid on every sub-range, so a spec right at the hint stays right below
+#     it, while a smaller probe would differ and needlessly specialise.  The
+#     op itself takes any shapes: the runtime sizes its tables per call.
 
 
-def _rewrite_for_any_length(gm: fx.GraphModule, aten_gm: fx.GraphModule, example_inputs, options: BackendOptions,
-                            graph_id: int, config: str, shape_env):
-    """Note [dynamic sizes]: the rewritten symbolic graph and its reports, or why it is specialised."""
-    placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-    real_inputs = {n: x for n, x in zip(placeholders, example_inputs)}
-    source_names = {n: name for n, name in zip(placeholders, _compat.placeholder_source_names(gm)) if name}
+def _rewrite_for_this_graph(gm: fx.GraphModule, options: BackendOptions, match_sites, splice,
+                            regions: bool = False) -> list[SiteReport]:
+    """Match and rewrite every site of one graph: for any length when Dynamo traced it with symbolic sizes
+    and Note [dynamic sizes] allows, else for the sizes it was traced at.
+
+    ``match_sites(hand_over)`` runs ``_rewrite_sites`` handing each match to ``hand_over``; ``splice(m,
+    free=None)`` rewrites one site (it may raise SpliceError).  Matching leaves the graph untouched, so a
+    symbolic attempt that ends specialised costs no second capture."""
+    shape_env = _compat.symbolic_shape_env(gm)
+    if shape_env is None:
+        return match_sites(splice)
+    outcome = _rewrite_for_any_length(gm, options, shape_env, match_sites, splice, regions)
+    if not isinstance(outcome, str):
+        return outcome
+    reports = match_sites(splice)
+    _note_lengths(reports, outcome)
+    return reports
+
+
+def _rewrite_for_any_length(gm: fx.GraphModule, options: BackendOptions, shape_env, match_sites, splice,
+                            regions: bool) -> list[SiteReport] | str:
+    """Note [dynamic sizes]: the reports of the sites rewritten for any length, or why the graph is to be
+    specialised (then nothing was rewritten)."""
     pending: list[AttentionMatch] = []
     try:
         with shape_env.suppress_guards():
-            reports = _rewrite_sites(aten_gm, find_softmax_nodes(aten_gm), graph_id, 0, options, pending.append,
-                                     real_inputs, source_names)
-            sites = [(m.spec.to_json(), reshape_targets(m)) for m in pending]
+            reports = match_sites(pending.append)
+            sites = [_site_key(m) for m in pending]
     except Exception as exc:  # noqa: BLE001 - the specialised path is always there
         log.info("attn_inductor: matching with symbolic sizes failed, specialising: %s", exc)
         return f"matching with symbolic sizes failed ({type(exc).__name__})"
     if pending:
-        free = _free_dims_at_other_lengths(gm, sites, options)
+        free = _free_dims_at_other_lengths(gm, sites, options, regions)
         if isinstance(free, str):
             return free
+        handed_over = [i for i, r in enumerate(reports) if r.rewritten]  # one per pending match, in order
         with shape_env.suppress_guards():  # the rewrite reads the same hinted sizes again
-            for m, site_free in zip(pending, free):
-                rewrite_attention(aten_gm, m, config, free=site_free)
+            for m, site_free, i in zip(pending, free, handed_over):
+                try:
+                    splice(m, free=site_free)
+                except SpliceError as exc:
+                    r = reports[i]
+                    reports[i] = SiteReport(graph=r.graph, site=r.site, node=r.node, rewritten=False,
+                                            reason=_not_spliced(exc))
     _note_lengths(reports, None)
-    aten_gm.graph.eliminate_dead_code()
-    aten_gm.graph.lint()
-    aten_gm.recompile()
-    return aten_gm, reports
+    return reports
+
+
+def _site_key(m: AttentionMatch) -> tuple:
+    """What must agree between traces at different sizes: the spec and the reshapes the rewrite inserts."""
+    return m.spec.to_json(), reshape_targets(m)
 
 
 def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: BackendOptions,
@@ -227,6 +251,8 @@ def _free_dims_at_other_lengths(gm: fx.GraphModule, sites: list, options: Backen
             if isinstance(x, torch.SymInt):
                 for sym in x.node.expr.free_symbols:
                     symbols[sym] = _compat.symbol_hint(x, sym)
+    if None in symbols.values():
+        return "a size has no recorded value (data-dependent)"
     free: list[dict] = [{} for _ in sites]
     for factor in (2, 3):
         values = {sym: hint * factor for sym, hint in symbols.items()}
@@ -298,7 +324,7 @@ def _sites_at(gm: fx.GraphModule, fakes: list, values: dict, symbolic: bool, opt
         for sm in find_softmax_nodes(traced):
             m = match_attention(traced, sm, fully_masked_rows=options.fully_masked_rows)
             if not isinstance(m, MatchFailure):
-                specs.append((m.spec.to_json(), reshape_targets(m)))
+                specs.append(_site_key(m))
     return specs
 
 
@@ -307,17 +333,6 @@ def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOp
     """Region capture (Note [region capture]): HOPs stay opaque, transparent bodies are rewritten in place."""
     if not softmax_calls(gm):
         return None, []  # no softmax anywhere (bodies included): spare the trace
-    shape_env = _compat.symbolic_shape_env(gm)
-    specialised = None
-    if shape_env is not None:
-        try:
-            generic = _regions_for_any_length(gm, example_inputs, options, graph_id, config, shape_env)
-        except Exception as exc:  # noqa: BLE001 - the specialised path is always there
-            log.info("attn_inductor: region capture with symbolic sizes failed, specialising: %s", exc)
-            generic = f"region capture with symbolic sizes failed ({type(exc).__name__})"
-        if not isinstance(generic, str):
-            return generic
-        specialised = generic
     try:
         capture = RegionCapture(gm, example_inputs)
     except Exception as exc:  # noqa: BLE001 - CaptureError, or a bug of ours: the graph goes to stock Inductor
@@ -330,50 +345,17 @@ def _rewrite_keeping_hops(gm: fx.GraphModule, example_inputs, options: BackendOp
                       for i, name in enumerate(softmax_calls(gm))]
     softmaxes = find_softmax_nodes(capture.aten_gm)
     try:
-        reports = _rewrite_sites(capture.aten_gm, softmaxes, graph_id, 0, options,
-                                 lambda m: capture.splice(m, config), capture.real_inputs, capture.source_names,
-                                 capture.prefix_of)
+        reports = _rewrite_for_this_graph(
+            gm, options,
+            lambda splice: _rewrite_sites(capture.aten_gm, softmaxes, graph_id, 0, options, splice,
+                                          capture.real_inputs, capture.source_names, capture.prefix_of),
+            lambda m, free=None: capture.splice(m, config, free=free), regions=True)
         new_gm = capture.commit()
-        if shape_env is not None:
-            _note_lengths(reports, specialised)
     except Exception as exc:  # noqa: BLE001 - the graph is left as Dynamo produced it
         log.warning("attn_inductor: region rewrite failed, compiling with stock Inductor: %s", exc, exc_info=True)
         reports = [SiteReport(graph=graph_id, site=i, node=capture.prefix_of(sm) + sm.name, rewritten=False,
                               reason=f"internal error: {type(exc).__name__}: {exc}") for i, sm in enumerate(softmaxes)]
         new_gm = None
-    for refusal in capture.refusals:
-        for name in refusal.softmax_names:
-            reports.append(SiteReport(graph=graph_id, site=len(reports), node=refusal.prefix + name,
-                                      rewritten=False, reason=refusal.reason))
-    return new_gm, reports
-
-
-def _regions_for_any_length(gm: fx.GraphModule, example_inputs, options: BackendOptions, graph_id: int,
-                            config: str, shape_env):
-    """Note [dynamic sizes] for region capture: (new graph or None, reports), or None to specialise."""
-    with shape_env.suppress_guards():
-        capture = RegionCapture(gm, example_inputs)
-        pending: list[AttentionMatch] = []
-        softmaxes = find_softmax_nodes(capture.aten_gm)
-        reports = _rewrite_sites(capture.aten_gm, softmaxes, graph_id, 0, options, pending.append,
-                                 capture.real_inputs, capture.source_names, capture.prefix_of)
-        sites = [(m.spec.to_json(), reshape_targets(m)) for m in pending]
-    if pending:
-        free = _free_dims_at_other_lengths(gm, sites, options, regions=True)
-        if isinstance(free, str):
-            return free
-        rewritten = [r for r in reports if r.rewritten]
-        with shape_env.suppress_guards():
-            for m, site_free, report in zip(pending, free, rewritten):
-                try:
-                    capture.splice(m, config, free=site_free)
-                except SpliceError as exc:
-                    report.rewritten, report.reason = False, \
-                        f"matched, but the rewrite could not be put back into the graph: {exc}"
-            new_gm = capture.commit()
-    else:
-        new_gm = None
-    _note_lengths(reports, None)
     for refusal in capture.refusals:
         for name in refusal.softmax_names:
             reports.append(SiteReport(graph=graph_id, site=len(reports), node=refusal.prefix + name,

@@ -130,10 +130,10 @@ def _fill_sparsity(rep: SiteReport, m: AttentionMatch, real_inputs: dict, device
         except Exception:  # noqa: BLE001
             rep.block_map = None
         if needed:
-            from .masks.block_sparsity import _loads_aligned
+            from .masks.block_sparsity import loads_at_plain_indices
 
             rep.sparsity_note = ("from the example inputs; recomputed on the device when the tensor changes"
-                                 if _loads_aligned(pred) else
+                                 if loads_at_plain_indices(pred) else
                                  "from the example inputs; a tensor that changes between calls gets index-only "
                                  "tile skipping")
     except Exception as exc:  # noqa: BLE001

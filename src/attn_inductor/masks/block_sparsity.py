@@ -198,21 +198,22 @@ def _index_symbols(pred) -> set:
     found: set = set()
 
     def walk(e):
+        if isinstance(e, E.Load):
+            return
         if isinstance(e, E.Index):
             found.add(e.name)
-        elif isinstance(e, E.Call):
-            for a in e.args:
-                walk(a)
+        for c in e.children():
+            walk(c)
     walk(pred)
     return found
 
 
 @functools.lru_cache(maxsize=256)
-def _loads_aligned(pred) -> bool:
-    """Every load is indexed by distinct plain indices (``pad[b, kv_idx]``, ``doc[q_idx]``): its tiles
-    are bounded by a reshape and a min/max, with no device sync (``intervals._tile_load_bounds``)."""
-    return all(all(isinstance(i, E.Index) for i in ld.indices) and len({i.name for i in ld.indices}) == len(ld.indices)
-               for ld in E.loads(pred))
+def loads_at_plain_indices(pred) -> bool:
+    """Every load of ``pred`` is ``intervals.at_plain_indices``: its tiles are classified by device ops
+    alone, so a tensor that changes every call can be classified every call (Note [changing mask
+    tensors])."""
+    return all(intervals.at_plain_indices(ld.indices) for ld in E.loads(pred))
 
 
 @functools.lru_cache(maxsize=128)
@@ -232,7 +233,7 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
     device = torch.device(device)
     site = (pred, batch, heads, q_len, kv_len, block_m, block_n, device)
     if None in tensor_keys:
-        if on_change == "unknown_loads" and not _loads_aligned(pred) and site in _sites:
+        if on_change == "unknown_loads" and not loads_at_plain_indices(pred) and site in _sites:
             return _loads_unknown(pred, batch, heads, q_len, kv_len, block_m, block_n, str(device))
         _remember_site(site, changed=True)
         return classify_blocks(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
@@ -245,7 +246,7 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
             _cache.move_to_end(key)
             return bs
         del _cache[key]  # an id reused by a new object
-    if on_change == "unknown_loads" and buffers and not _loads_aligned(pred) and _sites.get(site) is not None:
+    if on_change == "unknown_loads" and buffers and not loads_at_plain_indices(pred) and _sites.get(site) is not None:
         _sites[site] = True
         return _loads_unknown(pred, batch, heads, q_len, kv_len, block_m, block_n, str(device))
     if buffers:

@@ -687,16 +687,20 @@ def tile_box(*, batch: int, heads: int, q_len: int, kv_len: int, block_m: int, b
     return box
 
 
+def at_plain_indices(indices) -> bool:
+    """Each index of a load is a distinct plain index (``pad[b, kv_idx]``, ``doc[q_idx]``): the loads
+    ``_tile_load_bounds`` bounds without a host sync."""
+    return all(isinstance(i, Index) for i in indices) and len({i.name for i in indices}) == len(indices)
+
+
 def _tile_load_bounds(tensor: torch.Tensor, indices, geometry: dict | None) -> Interval | None:
-    """Exact per-tile bounds of ``tensor[i0, i1, ...]`` when each index is a distinct plain index
-    (``pad[b, kv_idx]``, ``doc[q_idx]``): the tensor cut to each index's extent, its tiled dims reshaped
-    to (tiles, block) and reduced, with no value read on the host (no device sync: Note [changing mask
-    tensors] in block_sparsity.py).  None where this does not apply: ``load_bounds`` handles it."""
-    if geometry is None or not all(isinstance(i, Index) for i in indices):
+    """Exact per-tile bounds of ``tensor[i0, i1, ...]`` for a load ``at_plain_indices``: the tensor cut to
+    each index's extent, its tiled dims reshaped to (tiles, block) and reduced, with no value read on the
+    host (no device sync: Note [changing mask tensors] in block_sparsity.py).  None where this does not
+    apply: ``load_bounds`` handles it."""
+    if geometry is None or not at_plain_indices(indices) or len(indices) != tensor.dim() or tensor.dim() == 0:
         return None
     names = [i.name for i in indices]
-    if len(set(names)) != len(names) or len(names) != tensor.dim() or tensor.dim() == 0:
-        return None
     if any(n not in geometry or tensor.shape[d] < geometry[n][1] for d, n in enumerate(names)):
         return None  # a shorter dim would make eager raise (or wrap): the general path decides
     t = tensor.detach()

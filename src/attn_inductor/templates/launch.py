@@ -146,31 +146,36 @@ def _table_args(sp: BlockSparsity | None, dummy: torch.Tensor, forward: bool):
     return (num, idx, fnum, fidx), bstrides(num), bstrides(idx)
 
 
-_int32_tables: "weakref.WeakKeyDictionary[BlockSparsity, dict]" = weakref.WeakKeyDictionary()
+# per sparsity object, derived once (a mask that changes every call brings a new object every call):
+# its layout and its tables as contiguous int32, forward (kv) and backward (q)
+_derived: "weakref.WeakKeyDictionary[BlockSparsity, dict]" = weakref.WeakKeyDictionary()
+
+
+def _derived_of(sp: BlockSparsity) -> dict:
+    got = _derived.get(sp)
+    if got is None:
+        # what a launch plan depends on: blocks, lengths, table shapes and device (the int32 tables are
+        # contiguous, so their strides follow); the tables' contents are per-call data (Note [launch plans])
+        got = _derived[sp] = {"layout": (
+            sp.block_m, sp.block_n, sp.q_len, sp.kv_len, sp.kv_num_blocks.shape, sp.kv_indices.shape,
+            sp.full_kv_num_blocks.shape, sp.full_kv_indices.shape, sp.q_num_blocks.shape, sp.q_indices.shape,
+            sp.full_q_num_blocks.shape, sp.full_q_indices.shape, sp.kv_indices.device)}
+    return got
 
 
 def _tables(sp: BlockSparsity, forward: bool) -> tuple:
-    """The forward (kv) or backward (q) tables as contiguous int32, converted once per sparsity object
-    (a mask that changes every call brings a new object every call: Note [launch plans])."""
-    per = _int32_tables.get(sp)
-    if per is None:
-        per = _int32_tables[sp] = {}
-    tabs = per.get(forward)
+    """The forward (kv) or backward (q) tables as contiguous int32."""
+    derived = _derived_of(sp)
+    tabs = derived.get(forward)
     if tabs is None:
         raw = (sp.kv_num_blocks, sp.kv_indices, sp.full_kv_num_blocks, sp.full_kv_indices) if forward else \
             (sp.q_num_blocks, sp.q_indices, sp.full_q_num_blocks, sp.full_q_indices)
-        tabs = per[forward] = tuple(t.to(torch.int32).contiguous() for t in raw)
+        tabs = derived[forward] = tuple(t.to(torch.int32).contiguous() for t in raw)
     return tabs
 
 
 def _sparsity_layout(sp: BlockSparsity | None) -> tuple | None:
-    """What a launch plan depends on in a sparsity object: blocks, lengths, table shapes and device (the
-    int32 tables are contiguous, so their strides follow).  The tables' contents are per-call data."""
-    if sp is None:
-        return None
-    return (sp.block_m, sp.block_n, sp.q_len, sp.kv_len, sp.kv_num_blocks.shape, sp.kv_indices.shape,
-            sp.full_kv_num_blocks.shape, sp.full_kv_indices.shape, sp.q_num_blocks.shape, sp.q_indices.shape,
-            sp.full_q_num_blocks.shape, sp.full_q_indices.shape, sp.kv_indices.device)
+    return None if sp is None else _derived_of(sp)["layout"]
 
 
 # Note [fitting the device]
@@ -407,9 +412,9 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     refs = (score, mask)
-    plan_key = ("fwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape, k.stride(),
-                v.shape,
-                v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, _captured_key(captured),
+    plan_key = ("fwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
+                k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                _captured_key(captured),
                 row_select is not None, empty_rows, gqa_group, _policy_key(q.dtype, "ATTN_INDUCTOR_FWD_CONFIG"))
     plan = _plan_get(plan_key, refs)  # Note [launch plans]
     if plan is None:
@@ -566,11 +571,10 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     if batch * hq * q_len == 0 or kv_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dcap
     refs = (score, mask)
-    plan_key = ("bwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape, k.stride(),
-                v.shape,
-                v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, k.dtype, v.dtype, device,
-                k.device, v.device, _captured_key(captured), tuple(needs), gqa_group, bool(deterministic), empty_rows,
-                _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
+    plan_key = ("bwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
+                k.stride(), v.shape, v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, k.dtype,
+                v.dtype, device, k.device, v.device, _captured_key(captured), tuple(needs), gqa_group,
+                bool(deterministic), empty_rows, _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
     plan = _plan_get(plan_key, refs)  # Note [launch plans]
     if plan is None:
         _check(q, k, v, gqa_group)  # the key holds everything it looks at
