@@ -169,6 +169,10 @@ def _note_lengths(reports: list[SiteReport], specialised: str | None) -> None:
 #     - each reshape the rewrite inserts ([B*H, L, D] layouts) varies in one
 #       dim at most, which it writes as -1.
 #     Anything else falls back to the specialised match (guards on the sizes).
+#     The score simplifier folds comparisons the index ranges decide; for a
+#     symbolic size the range is unbounded (``match.UNBOUNDED``), or a window
+#     wider than the traced lengths would fold to True at the hint and at both
+#     probes alike and be lost at longer lengths.
 #     Two other sizes are evidence, not proof, of length independence: an
 #     int read of a size inside the extractor (a reshape's index arithmetic)
 #     would have to give the same spec at the hint, 2x and 3x to slip through.
