@@ -2,7 +2,7 @@
 # One device call, several stages; every log goes to $OUT (at most 8 files come back).
 #   GIT_SHA=$(git rev-parse --short HEAD) bash benchmarks/device_run.sh suite check sanitize hostgpu
 # Stages: suite (pytest -m gpu), check (gpu_check.py), sanitize (memcheck), hostgpu (host_vs_gpu.py at
-# 16x1024), b1024 / b8192 (bench_attention.py), models (bench_models.py --padded), host (host_overhead.py).
+# 16x1024), gpunew (the GPU tests named by GPU_K, full log), b1024 / b8192 (bench_attention.py), models (bench_models.py --padded), host (host_overhead.py).
 set -u
 export PYTHONPATH=$PWD/src:$PWD/tests:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -15,6 +15,8 @@ for stage in "$@"; do
   case $stage in
     suite) echo -e "\n## pytest -m gpu tests/gpu" >> "$LOG"
            python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -30 >> "$LOG" ;;
+    gpunew) python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${GPU_K:-changing_padding or new_lengths or reduce_overhead}" > "$OUT/gpunew.log" 2>&1
+           tail -3 "$OUT/gpunew.log" >> "$LOG" ;;
     check) echo -e "\n## benchmarks/gpu_check.py" >> "$LOG"
            python3 benchmarks/gpu_check.py 2>&1 | tail -40 >> "$LOG" ;;
     sanitize) echo -e "\n## compute-sanitizer memcheck benchmarks/sanitize_cases.py" >> "$LOG"
@@ -24,7 +26,7 @@ for stage in "$@"; do
     b1024) python3 benchmarks/bench_attention.py --shapes 16x1024 --out "$OUT" --tag "16x1024_$SHA" > "$OUT/b1024.log" 2>&1 ;;
     b8192) python3 benchmarks/bench_attention.py --shapes 2x8192 --out "$OUT" --tag "2x8192_$SHA" ${B8192_ARGS:-} > "$OUT/b8192.log" 2>&1 ;;
     models) python3 benchmarks/bench_models.py --padded --out "$OUT" > "$OUT/models.log" 2>&1 ;;
-    host) python3 benchmarks/host_overhead.py --variants causal,document,alibi > "$OUT/host_$SHA.md" 2>&1 ;;
+    host) python3 benchmarks/host_overhead.py --variants ${HOST_VARIANTS:-causal,document,alibi} ${HOST_ARGS:-} > "$OUT/host_$SHA.md" 2>&1 ;;
     *) echo "unknown stage $stage" >> "$LOG" ;;
   esac
   echo "($stage: $(( $(date +%s) - t0 )) s)" >> "$LOG"

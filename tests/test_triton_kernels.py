@@ -760,6 +760,45 @@ def test_changing_padding_masks_keep_their_plans(monkeypatch):
     assert counts[0] > 0 and counts == [counts[0]] * 4, counts
 
 
+def test_changing_padding_masks_read_nothing_on_the_host(monkeypatch):
+    """The CPU stand-in for the GPU suite's sync-debug test (Note [changing mask tensors]): after a first
+    call, forward and backward with new padding masks read no tensor value on the host and build no tensor
+    from host data (``torch.tensor``, which on CUDA is a host-to-device copy that waits for the stream).
+    The launch is stubbed: the interpreter itself reads values on the host."""
+    from attn_inductor.lowering.spec import AttentionSpec
+    from attn_inductor.ops import default_config
+
+    monkeypatch.setattr(launch, "_run_kernel", lambda *args, **kwargs: None)
+    q, k, v, do = _inputs(2, 2, 2, 64, 64, 16, torch.float32)
+    mask = E.and_(causal_mask(), E.call("ne", E.Load(0, (E.b, E.kv_idx), E.INT64), E.const(0, E.INT64),
+                                        dtype=BOOL))
+    spec = AttentionSpec(score_live=E.score, mask=mask, scale=0.25, num_captured=1).to_json()
+    cfg = default_config(impl="triton")
+
+    def step(right_pad):
+        keep = torch.ones(2, 64, dtype=torch.int64)
+        keep[1, 64 - right_pad:] = 0
+        out = torch.ops.attn_inductor.attention.default(q, k, v, [keep], spec, cfg)
+        torch.ops.attn_inductor.attention_backward.default(q, k, v, *out, do, [keep], [False], spec, cfg)
+
+    step(0)
+    reads = []
+
+    def refuse(name):
+        def read(*args, **kwargs):
+            reads.append(name)
+            raise AssertionError(f"{name} on the per-call path")
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+    monkeypatch.setattr(torch, "tensor", refuse("torch.tensor"))
+    for right_pad in (5, 17, 40):
+        step(right_pad)
+    monkeypatch.undo()
+    assert not reads
+
+
 def test_dead_rows_nan_in_the_backward():
     """empty_rows="nan" (Note [dead rows in the backward]): dq NaN on rows with no entry, dk/dv NaN on the
     whole (batch, kv head) such a row reaches, everything else as with "zero" and as the CPU core gives."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -49,6 +50,29 @@ _ENV_ENCODING = __import__("sys").getfilesystemencoding()
 @functools.lru_cache(maxsize=None)
 def _env_key(name: str) -> bytes:
     return name.encode(_ENV_ENCODING, "surrogateescape")
+
+
+def cuda_graph_pool_active(device) -> bool:
+    """Allocations on this thread may land in a CUDA graph's private memory pool: a stream capture, or
+    the warm-up and recording runs of Inductor's CUDA graph trees (``mode="reduce-overhead"``).
+
+    Device tensors made then must not be kept in our caches, and cached tensors must not be read into a
+    capture (Note [CUDA graphs] in masks/block_sparsity.py).  Reads the trees' manager (private API)
+    only when Inductor's CUDA graph module is loaded; any surprise there answers True (caching off is
+    only slower)."""
+    if getattr(device, "type", device) != "cuda":
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None:
+        return False
+    try:
+        index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+        manager = trees.get_manager(index, create_if_none_exists=False)
+        return manager is not None and bool(manager.in_warmup or manager.in_recording)
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def triton_interpret_enabled() -> bool:

@@ -104,7 +104,7 @@ def reference_attention(
 
     row_has_live = live.any(-1, keepdim=True)
     row_has_hard = hard.any(-1, keepdim=True)
-    neg_inf = torch.tensor(-math.inf, dtype=cd, device=q.device)
+    neg_inf = torch.full((), -math.inf, dtype=cd, device=q.device)
     logits = torch.where(
         row_has_live,
         torch.where(live, score_live, neg_inf),   # softmax over live entries of score_live
@@ -116,7 +116,7 @@ def reference_attention(
     lse = torch.logsumexp(logits, dim=-1)
 
     dead_value = math.nan if spec.fully_masked_rows == "eager" else 0.0
-    out = torch.where(row_has_hard, out, torch.tensor(dead_value, dtype=cd, device=q.device))
+    out = torch.where(row_has_hard, out, torch.full((), dead_value, dtype=cd, device=q.device))
     lse = torch.where(row_has_hard.squeeze(-1), lse, neg_inf)
     return out, lse
 

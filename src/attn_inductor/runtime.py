@@ -122,13 +122,28 @@ def attention_forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Ten
     return out, lse, lse_fallback
 
 
-@functools.lru_cache(maxsize=256)
 def _rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
     """True when every query row has at least one entry passing ``pred`` (causal, sliding window,
     prefix-LM ...), so no row can be fully masked and the NaN-row bookkeeping can be skipped.
 
     Decided exactly, once per (predicate, lengths), for predicates over ``q_idx``/``kv_idx`` only;
-    anything else (document ids, padding masks) answers False, which is always safe."""
+    anything else (document ids, padding masks) answers False, which is always safe.  Deciding reads
+    values on the host, which a CUDA stream capture forbids: a first ask under capture answers False."""
+    key = (pred, q_len, kv_len, device)
+    hit = _rows_live.get(key)
+    if hit is None:
+        if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+            return False
+        hit = _rows_live[key] = _decide_rows_always_live(pred, q_len, kv_len, device)
+        while len(_rows_live) > 256:
+            _rows_live.pop(next(iter(_rows_live)))
+    return hit
+
+
+_rows_live: dict[tuple, bool] = {}
+
+
+def _decide_rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
     if not E.free_symbols(pred) <= {"q_idx", "kv_idx"}:
         return False
     kv = torch.arange(kv_len, device=device).view(1, -1)
@@ -257,7 +272,7 @@ def _nan_like_eager(spec, q, k, lse, lse_fallback, dq, dk, dv, dcap, captured, n
                                                for ix in ld.indices)) if ld.indices else ()
                 g = dcap[ld.buffer]
                 if at:
-                    g = g.index_put(tuple(at), torch.tensor(math.nan, dtype=g.dtype, device=g.device))
+                    g = g.index_put(tuple(at), torch.full((), math.nan, dtype=g.dtype, device=g.device))
                 else:
                     g = torch.full_like(g, math.nan)
                 dcap[ld.buffer] = g

@@ -464,7 +464,7 @@ def evaluate(
             out = score_value
         elif isinstance(e, Const):
             dev = next(iter(indices.values())).device if indices else None
-            out = torch.tensor(e.value, dtype=torch_dtype(e.dtype), device=dev)
+            out = torch.full((), e.value, dtype=torch_dtype(e.dtype), device=dev)
         elif isinstance(e, Load):
             t = captured[e.buffer]
             idx = [go(i).long() for i in e.indices]

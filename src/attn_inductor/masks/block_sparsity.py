@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _compat
 from ..lowering import expr as E
 from . import intervals
 
@@ -99,7 +100,10 @@ def dense(*, block_m: int, block_n: int, q_len: int, kv_len: int, device="cpu", 
 
     Cached: unmasked attention asks for this on every call, and building the tables is a
     dozen small device launches."""
-    return _dense_cached(block_m, block_n, q_len, kv_len, str(torch.device(device)), kind)
+    device = torch.device(device)
+    if _compat.cuda_graph_pool_active(device):  # Note [CUDA graphs]
+        return _dense_cached.__wrapped__(block_m, block_n, q_len, kv_len, str(device), kind)
+    return _dense_cached(block_m, block_n, q_len, kv_len, str(device), kind)
 
 
 @functools.lru_cache(maxsize=64)
@@ -189,6 +193,19 @@ def _buffers(pred) -> tuple[int, ...]:
 #   and cached by value.  A hit (the very tensor object, same version) still
 #   gets the exact map; ``on_change="exact"`` (explain, tests) classifies
 #   exactly every time.
+#
+# Note [CUDA graphs]
+#   Under ``mode="reduce-overhead"`` Inductor's CUDA graph trees run a call
+#   once to warm up and once more under stream capture, both allocating from
+#   the graph's private pool, then replay the graph with no Python at all.
+#   A sparsity table cached then would be pool memory the trees do not know
+#   of (they refuse: "allocated but not accounted for") and that later
+#   replays overwrite; a table cached earlier and read into a capture would
+#   be read by every replay, after the cache may have freed it.  So while
+#   ``_compat.cuda_graph_pool_active`` the caches are neither read nor
+#   filled: the classification runs as device ops that the graph records and
+#   replays on each call's mask.  Gathered loads need host syncs, which a
+#   capture forbids: they are classified with loads unknown (sound).
 _SITES_MAX = 256
 _sites: "OrderedDict[tuple, bool]" = OrderedDict()  # call site -> its loads have changed
 
@@ -228,9 +245,15 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
     """Cached :func:`classify_blocks`; see Notes [block sparsity cache keys] and [changing mask tensors]."""
     if on_change not in ("exact", "unknown_loads"):
         raise ValueError(f"on_change must be 'exact' or 'unknown_loads', got {on_change!r}")
+    device = torch.device(device)
+    if _compat.cuda_graph_pool_active(device):  # Note [CUDA graphs]: neither read nor fill the caches
+        unknown = (on_change == "unknown_loads" and torch.cuda.is_current_stream_capturing()
+                   and not loads_at_plain_indices(pred))
+        return classify_blocks(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+                               captured=() if unknown else captured, block_m=block_m, block_n=block_n,
+                               device=device, unknown_loads=unknown)
     buffers = _buffers(pred)
     tensor_keys = tuple(_tensor_key(captured[i]) for i in buffers)
-    device = torch.device(device)
     site = (pred, batch, heads, q_len, kv_len, block_m, block_n, device)
     if None in tensor_keys:
         if on_change == "unknown_loads" and not loads_at_plain_indices(pred) and site in _sites:

@@ -88,7 +88,7 @@ Bounds = Interval | Truth
 
 
 def _scalar(value, dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype, device=device)
+    return torch.full((), value, dtype=dtype, device=device)  # a fill, not a host-to-device copy (a sync)
 
 
 def _storage(dtype: torch.dtype) -> torch.dtype:
@@ -609,7 +609,7 @@ class _Bounder:
             out: Bounds = convert(Interval(lo, hi, torch.zeros((), dtype=torch.bool, device=self.device),
                                            torch.int64), td)
         elif isinstance(e, Const):
-            out = point(torch.tensor(e.value, dtype=td, device=self.device))
+            out = point(_scalar(e.value, td, self.device))
         elif isinstance(e, Load) and self.unknown_loads:
             out = widest(td, self.device)
         elif isinstance(e, Load):
