@@ -14,7 +14,8 @@ for stage in "$@"; do
   t0=$(date +%s)
   case $stage in
     suite) echo -e "\n## pytest -m gpu tests/gpu" >> "$LOG"
-           python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -30 >> "$LOG" ;;
+           python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider > "$OUT/suite.log" 2>&1
+           grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/suite.log" | tail -30 >> "$LOG" ;;
     gpunew) python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -k "${GPU_K:-changing_padding or new_lengths or reduce_overhead}" > "$OUT/gpunew.log" 2>&1
            tail -3 "$OUT/gpunew.log" >> "$LOG" ;;
     check) echo -e "\n## benchmarks/gpu_check.py" >> "$LOG"
