@@ -153,6 +153,7 @@ def _memoise_hash(cls):
     pickles: string hashes differ between processes.
     """
     structural = cls.__hash__
+    structural_eq = cls.__eq__
 
     def __hash__(self):
         h = self.__dict__.get("_hash")
@@ -161,16 +162,48 @@ def _memoise_hash(cls):
             object.__setattr__(self, "_hash", h)
         return h
 
+    def __eq__(self, other):  # identity, then the cached hashes, before walking two trees
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        if __hash__(self) != __hash__(other):
+            return False
+        return structural_eq(self, other)
+
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     cls.__hash__ = __hash__
+    cls.__eq__ = __eq__
     cls.__getstate__ = __getstate__
     return cls
 
 
 for _node in (Load, Call):
     _memoise_hash(_node)
+
+
+_CANONICAL_MAX = 4096
+_canonical: dict = {}
+
+
+def canonical(e: Expr | None) -> Expr | None:
+    """The first-seen expression equal to ``e`` (``e`` itself the first time).
+
+    Per-call caches key expressions (lru caches, the sparsity cache, launch plans); a cache
+    filled at compile time holds the compile-time object, and the op's spec parsed from its
+    JSON at run time holds an equal but distinct one, so every later lookup would walk both
+    trees to compare them.  Specs keep canonical expressions, so those lookups stop at
+    identity."""
+    if e is None:
+        return None
+    got = _canonical.get(e)
+    if got is None:
+        if len(_canonical) >= _CANONICAL_MAX:
+            _canonical.clear()
+        got = _canonical[e] = e
+    return got
 
 
 # ----------------------------------------------------------------------------- builders

@@ -56,6 +56,8 @@ class AttentionSpec:
     extra: tuple = field(default=(), compare=True)
 
     def __post_init__(self):
+        for name in ("score_live", "mask", "soft_mask", "score_full"):  # identical objects across specs
+            object.__setattr__(self, name, E.canonical(getattr(self, name)))
         if self.fully_masked_rows not in FULLY_MASKED_ROW_POLICIES:
             raise ValueError(f"fully_masked_rows must be one of {FULLY_MASKED_ROW_POLICIES}")
         for pred in (self.mask, self.soft_mask):
@@ -75,7 +77,7 @@ class AttentionSpec:
 
         Built once per spec: the kernels' launch plans and the sparsity cache key expressions by
         identity, so a fresh conjunction per call would miss them every time (and evict the rest)."""
-        return E.and_(self.mask, self.soft_mask)
+        return E.canonical(E.and_(self.mask, self.soft_mask))
 
     @property
     def has_soft_mask(self) -> bool:
