@@ -709,3 +709,32 @@ def test_closed_form_walks_for_any_shape(q_len, kv_len, window, offset, prefix, 
     for pred in (CAUSAL, shifted, call("and", shifted, call("lt", sub(add(q, offset), kv), c(window))),
                  prefix_lm(prefix), chunked(chunk), call("ge", kv, q)):
         _check_bounds(pred, q_len, kv_len, block_m, block_n)
+
+
+def test_rows_live_on_the_diagonal():
+    """Rows that cannot be fully masked skip the NaN-row bookkeeping (runtime._rows_always_live): besides
+    index-only masks checked exactly, any mask that holds on the diagonal whatever its loads read (a
+    document mask) is proven live symbolically when Lq <= Lk; padding, float-valued ids (NaN != NaN) and
+    anti-causal masks are not."""
+    from attn_inductor import runtime
+
+    causal = E.call("ge", E.q_idx, E.kv_idx, dtype=E.BOOL)
+
+    def same(dtype):
+        return E.call("eq", E.Load(0, (E.q_idx,), dtype), E.Load(0, (E.kv_idx,), dtype), dtype=E.BOOL)
+
+    document = E.and_(causal, same(E.INT64))
+    padding = E.and_(causal, E.call("ne", E.Load(0, (E.b, E.kv_idx), E.INT64), E.const(0, E.INT64), dtype=E.BOOL))
+    assert runtime._live_on_diagonal(document) and runtime._live_on_diagonal(same(E.INT64))
+    assert runtime._live_on_diagonal(E.call("or", padding, same(E.INT64), dtype=E.BOOL))
+    assert not runtime._live_on_diagonal(padding)
+    assert not runtime._live_on_diagonal(same("float32"))
+    assert not runtime._live_on_diagonal(E.call("lt", E.q_idx, E.kv_idx, dtype=E.BOOL))
+    assert runtime._rows_always_live(document, 64, 64, "cpu")
+    assert not runtime._rows_always_live(document, 65, 64, "cpu")  # row 64 has no diagonal entry
+    assert not runtime._rows_always_live(padding, 64, 64, "cpu")
+    # the claim itself, brute force: every row of a random document mask keeps an entry
+    doc = torch.randint(0, 5, (64,)).sort().values
+    keep = E.evaluate(document, {"q_idx": torch.arange(64).view(-1, 1), "kv_idx": torch.arange(64).view(1, -1)},
+                      [doc])
+    assert bool(keep.any(-1).all())

@@ -126,8 +126,9 @@ def _rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
     """True when every query row has at least one entry passing ``pred`` (causal, sliding window,
     prefix-LM ...), so no row can be fully masked and the NaN-row bookkeeping can be skipped.
 
-    Decided exactly, once per (predicate, lengths), for predicates over ``q_idx``/``kv_idx`` only;
-    anything else (document ids, padding masks) answers False, which is always safe.  Deciding reads
+    Decided once per (predicate, lengths): exactly for predicates over ``q_idx``/``kv_idx`` only, and
+    symbolically for any predicate that holds on the diagonal (document masks, ``_live_on_diagonal``);
+    anything else (padding masks) answers False, which is always safe.  Deciding reads
     values on the host, which a CUDA stream capture forbids: a first ask under capture answers False."""
     key = (pred, q_len, kv_len, device)
     hit = _rows_live.get(key)
@@ -144,6 +145,8 @@ _rows_live: dict[tuple, bool] = {}
 
 
 def _decide_rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
+    if q_len <= kv_len and _live_on_diagonal(pred):  # every row has its diagonal entry, and it passes
+        return True
     if not E.free_symbols(pred) <= {"q_idx", "kv_idx"}:
         return False
     kv = torch.arange(kv_len, device=device).view(1, -1)
@@ -154,6 +157,25 @@ def _decide_rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -
         if not bool(torch.broadcast_to(keep, (q.shape[0], kv_len)).any(-1).all()):
             return False
     return True
+
+
+def _live_on_diagonal(pred: Expr) -> bool:
+    """``pred`` holds wherever ``kv_idx == q_idx``, whatever its loads read: ``doc[q_idx] == doc[kv_idx]``
+    and ``q_idx >= kv_idx`` become comparisons of an integer with itself.  Proven symbolically (no value
+    read), so document masks over any tensor qualify; anything unproven answers False."""
+    def always(e: Expr) -> bool:
+        if E.is_const(e):
+            return bool(e.value)
+        if isinstance(e, E.Call):
+            if e.op == "and":
+                return all(always(a) for a in e.args)
+            if e.op == "or":
+                return any(always(a) for a in e.args)
+            if e.op in ("eq", "le", "ge") and e.args[0] == e.args[1] and not E.is_float(e.args[0].dtype):
+                return True  # an integer or bool equals itself (a float may be NaN)
+        return False
+
+    return always(E.substitute(pred, {E.kv_idx: E.q_idx}))
 
 
 def _may_have_empty_rows(spec: AttentionSpec, q, k) -> bool:
