@@ -738,3 +738,42 @@ def test_rows_live_on_the_diagonal():
     keep = E.evaluate(document, {"q_idx": torch.arange(64).view(-1, 1), "kv_idx": torch.arange(64).view(1, -1)},
                       [doc])
     assert bool(keep.any(-1).all())
+
+
+def test_caches_are_bypassed_while_a_cuda_graph_pool_is_active(monkeypatch):
+    """Note [CUDA graphs]: while Inductor's CUDA graph trees warm up or record (read from their manager,
+    private API, here faked), sparsity is classified afresh and nothing is cached; otherwise the cache
+    answers with the very object it returned before."""
+    import torch._inductor.cudagraph_trees as trees
+
+    from attn_inductor import _compat
+    from attn_inductor.masks import block_sparsity as bs
+
+    class Manager:
+        in_warmup, in_recording = True, False
+
+    class Container:
+        tree_manager = Manager()
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    containers = trees.get_obj(trees.local, "tree_manager_containers")
+    monkeypatch.setitem(containers, 0, Container())
+    cuda0 = torch.device("cuda", 0)
+    assert _compat.cuda_graph_pool_active(cuda0) and not _compat.cuda_graph_pool_active(torch.device("cpu"))
+    Manager.in_warmup = False
+    assert not _compat.cuda_graph_pool_active(cuda0)
+    Manager.in_recording = True
+    assert _compat.cuda_graph_pool_active(cuda0)
+
+    # the cache's behaviour, with the pool test pointed at this CPU run
+    doc = torch.tensor([0] * 40 + [1] * 24)
+    pred = E.call("eq", E.Load(0, (E.q_idx,), E.INT64), E.Load(0, (E.kv_idx,), E.INT64), dtype=E.BOOL)
+    kw = dict(batch=1, heads=1, q_len=64, kv_len=64, captured=[doc], block_m=16, block_n=16, device="cpu")
+    bs.clear_block_sparsity_cache()
+    monkeypatch.setattr(_compat, "cuda_graph_pool_active", lambda device: True)
+    first, second = bs.get_block_sparsity(pred, **kw), bs.get_block_sparsity(pred, **kw)
+    assert first is not second and not bs._cache
+    assert torch.equal(first.block_map(), second.block_map())
+    monkeypatch.setattr(_compat, "cuda_graph_pool_active", lambda device: False)
+    third = bs.get_block_sparsity(pred, **kw)
+    assert bs.get_block_sparsity(pred, **kw) is third and torch.equal(third.block_map(), first.block_map())

@@ -67,9 +67,13 @@ def cuda_graph_pool_active(device) -> bool:
     trees = sys.modules.get("torch._inductor.cudagraph_trees")
     if trees is None:
         return False
-    try:
+    try:  # the per-device containers (shared with autograd's threads); reading them creates nothing
+        containers = trees.get_obj(trees.local, "tree_manager_containers")
+        if not containers:
+            return False
         index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
-        manager = trees.get_manager(index, create_if_none_exists=False)
+        container = containers.get(index)
+        manager = None if container is None else container.tree_manager
         return manager is not None and bool(manager.in_warmup or manager.in_recording)
     except Exception:  # noqa: BLE001
         return True
