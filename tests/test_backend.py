@@ -406,3 +406,38 @@ def test_captured_sizes_enter_on_the_inputs_device():
         compiled(*(torch.randn(2, 2, n, 8) for _ in range(3)))
     assert seen and all(n.kwargs["dtype"] == torch.int64 and n.kwargs["device"] == torch.device("cpu")
                         for n in seen)
+
+
+def test_compiled_graphs_call_the_op_without_autograd():
+    """Note [the op in compiled graphs]: the code Inductor generates calls ``attention_no_grad`` (no
+    per-call Python autograd wrapper) and ``attention_backward``; answers and gradients as eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    def fn(q, k, v):
+        s = q @ k.transpose(-1, -2) * 0.25
+        n = s.shape[-1]
+        i = torch.arange(n)[:, None]
+        j = torch.arange(n)[None, :]
+        return s.masked_fill(i < j, float("-inf")).softmax(-1) @ v
+
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+
+    def step():
+        out = torch.compile(fn, backend="flexattn", dynamic=False)(q, k, v)
+        out.sum().backward()
+        return out
+
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    assert "attn_inductor.attention_no_grad.default(" in code and "attn_inductor.attention_backward.default(" in code
+    assert "attn_inductor.attention.default(" not in code
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = fn(q, k, v)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-5)

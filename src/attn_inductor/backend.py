@@ -391,8 +391,13 @@ def flexattn_backend(gm: fx.GraphModule, example_inputs, *, options=None, mode=N
         patches.update(torch._inductor.list_mode_options(mode))
 
     def inductor(graph):
-        return compile_fx(graph, example_inputs, config_patches=patches) if patches else \
-            compile_fx(graph, example_inputs)
+        if graph is gm:  # Dynamo's own graph: nothing of ours in it
+            return compile_fx(graph, example_inputs, config_patches=patches) if patches else \
+                compile_fx(graph, example_inputs)
+        from .ops import compile_decompositions  # Note [the op in compiled graphs] in ops.py
+
+        return compile_fx(graph, example_inputs, config_patches=patches or None,
+                          decompositions=compile_decompositions())
 
     if target is not gm:
         # our graph failing to compile is our failure: Dynamo's graph, untouched, goes to stock Inductor

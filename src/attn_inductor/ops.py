@@ -96,6 +96,8 @@ def _runtime():
 _lib = torch.library.Library("attn_inductor", "DEF")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor[] captured, str spec, str config) "
             "-> (Tensor, Tensor, Tensor)")
+_lib.define("attention_no_grad(Tensor q, Tensor k, Tensor v, Tensor[] captured, str spec, str config) "
+            "-> (Tensor, Tensor, Tensor)")
 _lib.define("attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor lse_fallback, "
             "Tensor grad_out, Tensor[] captured, bool[] captured_needs_grad, str spec, str config) "
             "-> (Tensor, Tensor, Tensor, Tensor[])")
@@ -142,6 +144,29 @@ torch.library.register_fake("attn_inductor::attention", _attention_fake, lib=_li
 torch.library.register_fake("attn_inductor::attention_backward", _attention_backward_fake, lib=_lib)
 attention = torch.ops.attn_inductor.attention.default
 attention_backward = torch.ops.attn_inductor.attention_backward.default
+
+# Note [the op in compiled graphs]
+#     ``attention`` carries a ``register_autograd`` kernel: every call, grad mode on or not, passes
+#     through torch.library's Python autograd wrapper (a pytree walk over the arguments and a
+#     redispatch), a few microseconds per call on a fast host and several times that on a loaded GPU
+#     host.  In a compiled graph AOT autograd has already split forward from backward, so the graphs
+#     Inductor compiles call ``attention_no_grad``, the same kernel with no autograd kernel
+#     (``compile_decompositions``, which the backend hands to ``compile_fx``).  Calling it where a
+#     gradient is needed raises, as any op without autograd support does.
+_lib.impl("attention_no_grad", _attention_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("attn_inductor::attention_no_grad", _attention_fake, lib=_lib)
+attention_no_grad = torch.ops.attn_inductor.attention_no_grad.default
+
+
+def _to_no_grad(q, k, v, captured, spec, config):
+    return attention_no_grad(q, k, v, captured, spec, config)
+
+
+def compile_decompositions() -> dict:
+    """Inductor's decompositions plus ``attention -> attention_no_grad`` (Note [the op in compiled graphs])."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return {**select_decomp_table(), attention: _to_no_grad}
 
 
 def _setup_context(ctx, inputs, output):
