@@ -247,7 +247,7 @@ def get_block_sparsity(pred, *, batch: int, heads: int, q_len: int, kv_len: int,
         raise ValueError(f"on_change must be 'exact' or 'unknown_loads', got {on_change!r}")
     device = torch.device(device)
     if _compat.cuda_graph_pool_active(device):  # Note [CUDA graphs]: neither read nor fill the caches
-        unknown = (on_change == "unknown_loads" and torch.cuda.is_current_stream_capturing()
+        unknown = (pred is not None and on_change == "unknown_loads" and torch.cuda.is_current_stream_capturing()
                    and not loads_at_plain_indices(pred))
         return classify_blocks(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
                                captured=() if unknown else captured, block_m=block_m, block_n=block_n,
