@@ -71,3 +71,22 @@ def test_float_range_is_sound_on_random_expressions():
         vals = torch.broadcast_to(torch.as_tensor(vals, dtype=torch.float64), s.shape).double()
         slack = 1e-5 * max(1.0, abs(r[0]), abs(r[1]))
         assert float(vals.min()) >= r[0] - slack and float(vals.max()) <= r[1] + slack, (E.format_expr(e), r)
+
+
+def test_specs_share_canonical_expressions():
+    """A spec parsed from its JSON (what the op does at run time) holds the very expression objects of
+    an equal spec built at compile time, so caches keyed by expressions stop at identity; equality of
+    distinct equal trees still holds, and differing hashes answer False without walking the trees."""
+    from attn_inductor.lowering.spec import AttentionSpec
+
+    def mask():
+        return E.and_(E.call("ge", E.q_idx, E.kv_idx, dtype=E.BOOL),
+                      E.call("eq", E.Load(0, (E.q_idx,), E.INT64), E.Load(0, (E.kv_idx,), E.INT64), dtype=E.BOOL))
+
+    a, b = mask(), mask()
+    assert a is not b and a == b and hash(a) == hash(b)
+    assert a != E.and_(E.call("ge", E.q_idx, E.kv_idx, dtype=E.BOOL), E.call("gt", E.q_idx, E.const(3, E.INT64),
+                                                                          dtype=E.BOOL))
+    built = AttentionSpec(score_live=E.score, mask=mask(), scale=0.5, num_captured=1)
+    parsed = AttentionSpec.from_json(built.to_json())
+    assert parsed == built and parsed.mask is built.mask and parsed.live_mask is built.live_mask
