@@ -291,9 +291,28 @@ def check_case(q, k, v, do, captured, needs_grad, *, score, mask, scale, gqa_gro
 
 
 @pytest.mark.parametrize("lq,lk,d", [(33, 33, 16), (17, 64, 80), (64, 17, 16), (1, 33, 16)])
-def test_no_mask(lq, lk, d):
+@pytest.mark.parametrize("sparsity", ["map", "none"])
+def test_no_mask(lq, lk, d, sparsity):
+    """No mask: with dense FULL tables, and with none (every kv tile walked untabled: what the runtime
+    passes, ``launch.reads_no_tables``)."""
     q, k, v, do = _inputs(1, 2, 2, lq, lk, d, torch.float32)
-    check_case(q, k, v, do, [], [], score=E.score, mask=None, scale=d ** -0.5)
+    check_case(q, k, v, do, [], [], score=E.score, mask=None, scale=d ** -0.5, sparsity=sparsity)
+
+
+def test_runtime_passes_no_tables_without_a_mask(monkeypatch):
+    """The runtime hands the Triton cores no sparsity for unmasked attention and for closed-form masks
+    (no table to build or read), tables for other masks and when ``ATTN_INDUCTOR_SPARSITY=tables``."""
+    from attn_inductor import runtime
+
+    q, k, v, _ = _inputs(1, 2, 2, 40, 40, 16, torch.float32)
+    doc = torch.arange(40) // 13
+    document = E.call("eq", E.Load(0, (E.q_idx,), E.INT64), E.Load(0, (E.kv_idx,), E.INT64), dtype=BOOL)
+    assert runtime._sparsity(launch, None, q, k, v, [], backward=False) is None
+    assert runtime._sparsity(launch, causal_mask(), q, k, v, [], backward=True) is None
+    assert runtime._sparsity(launch, document, q, k, v, [doc], backward=False) is not None
+    monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
+    assert runtime._sparsity(launch, None, q, k, v, [], backward=False) is not None
+    assert runtime._sparsity(launch, causal_mask(), q, k, v, [], backward=False) is not None
 
 
 @pytest.mark.parametrize("sparsity", ["map", "dense", "none"])

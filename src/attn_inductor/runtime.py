@@ -26,10 +26,11 @@ tensor that needs grad is NaN at the entries the row's ``score_full`` loads
 (evaluated over all keys).  That last step needs the dead rows on the host, so
 it syncs, only when such a captured gradient is requested.
 
-Sparsity: None when the implementation walks the mask's closed-form bounds
-(``impl.walks_bounds``, Note [closed-form bounds] in masks/bounds.py), else a
-``BlockSparsity`` built with ``impl.preferred_blocks`` — dense FULL without a
-predicate, else ``get_block_sparsity``.  What it does not do: dropout.
+Sparsity: None when the implementation reads no tables for the mask — no mask
+(every tile FULL) or closed-form bounds (``impl.reads_no_tables``, Note
+[closed-form bounds] in masks/bounds.py) — else a ``BlockSparsity`` built with
+``impl.preferred_blocks``: dense FULL without a predicate, else
+``get_block_sparsity``.  What it does not do: dropout.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def block_sparsity_for(pred: Expr | None, q, k, captured, block_m: int, block_n:
 
 
 def _sparsity(impl, pred, q, k, v, captured, backward: bool) -> BlockSparsity | None:
-    walks_bounds = getattr(impl, "walks_bounds", None)
-    if walks_bounds is not None and walks_bounds(pred):  # Note [closed-form bounds]: no tables to build
+    reads_no_tables = getattr(impl, "reads_no_tables", None)
+    if reads_no_tables is not None and reads_no_tables(pred):  # no mask, or Note [closed-form bounds]
         return None
     block_m, block_n = impl.preferred_blocks(q, k, v, backward=backward)
     return block_sparsity_for(pred, q, k, captured, block_m, block_n)

@@ -370,6 +370,12 @@ def walks_bounds(pred: Expr | None) -> bool:
     return pred is not None and not _tables_forced() and kv_interval(pred) is not None
 
 
+def reads_no_tables(pred: Expr | None) -> bool:
+    """No mask (every kv tile, all FULL: the kernels' untabled walk) or closed-form bounds: callers pass no
+    sparsity tables.  ``ATTN_INDUCTOR_SPARSITY=tables`` makes both read tables (A/B measurements)."""
+    return not _tables_forced() and (pred is None or kv_interval(pred) is not None)
+
+
 def _kernels() -> dict:
     """The Triton kernels, imported on first use (TRITON_INTERPRET must be set before they are defined).
 
