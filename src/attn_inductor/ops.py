@@ -158,15 +158,11 @@ torch.library.register_fake("attn_inductor::attention_no_grad", _attention_fake,
 attention_no_grad = torch.ops.attn_inductor.attention_no_grad.default
 
 
-def _to_no_grad(q, k, v, captured, spec, config):
-    return attention_no_grad(q, k, v, captured, spec, config)
-
-
 def compile_decompositions() -> dict:
     """Inductor's decompositions plus ``attention -> attention_no_grad`` (Note [the op in compiled graphs])."""
     from torch._inductor.decomposition import select_decomp_table
 
-    return {**select_decomp_table(), attention: _to_no_grad}
+    return {**select_decomp_table(), attention: attention_no_grad}
 
 
 def _setup_context(ctx, inputs, output):

@@ -373,7 +373,7 @@ def walks_bounds(pred: Expr | None) -> bool:
 def reads_no_tables(pred: Expr | None) -> bool:
     """No mask (every kv tile, all FULL: the kernels' untabled walk) or closed-form bounds: callers pass no
     sparsity tables.  ``ATTN_INDUCTOR_SPARSITY=tables`` makes both read tables (A/B measurements)."""
-    return not _tables_forced() and (pred is None or kv_interval(pred) is not None)
+    return walks_bounds(pred) or (pred is None and not _tables_forced())
 
 
 def _kernels() -> dict:
