@@ -115,21 +115,27 @@ class Variant:
         return fn
 
 
-def bench(fn, args, bwd):
-    from triton.testing import do_bench
-
-    if bwd:
-        out = fn(*args)
-        g = torch.randn_like(out)
-
-        def run():
-            for a in args:
-                a.grad = None
-            fn(*args).backward(g)
-    else:
+def step(fn, args, bwd, grad=None):
+    """One timed call: ``fn(*args)`` without grad, or forward + backward of ``grad`` (random by default)
+    with the inputs' gradients cleared first.  Every benchmark here times this same step."""
+    if not bwd:
         def run():
             with torch.no_grad():
                 return fn(*args)
+        return run
+    g = torch.randn_like(fn(*args)) if grad is None else grad
+
+    def run():
+        for a in args:
+            a.grad = None
+        fn(*args).backward(g)
+    return run
+
+
+def bench(fn, args, bwd):
+    from triton.testing import do_bench
+
+    run = step(fn, args, bwd)
     run()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

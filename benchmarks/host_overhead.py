@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_attention import Variant  # noqa: E402
+from bench_attention import Variant, step as make_step  # noqa: E402
 
 
 def per_call_us(step, n=300):
@@ -180,13 +180,7 @@ def main(argv=None):
         bm = create_block_mask(vt.mm, None, None, S, S, device="cuda") if vt.mm else None
         flex = lambda q, k, v: flex_c(q, k, v, score_mod=vt.sm, block_mask=bm)  # noqa: E731
         for name, fn in (("ours", ours), ("flex", flex)):
-            def fwd():
-                with torch.no_grad():
-                    fn(q, k, v)
-
-            def fwdbwd():
-                q.grad = k.grad = v.grad = None
-                fn(q, k, v).backward(g)
+            fwd, fwdbwd = make_step(fn, (q, k, v), False), make_step(fn, (q, k, v), True, g)
             print(f"{var:9s} {name:5s} fwd {per_call_us(fwd):7.1f} us   fwd+bwd {per_call_us(fwdbwd):7.1f} us",
                   flush=True)
         # after hundreds of calls (direct launches, Note [static launches]) ours still computes what Flex does

@@ -106,10 +106,9 @@ def main(argv=None):
 def compiled_rows() -> list[str]:
     """The whole compiled call (Dynamo guards, AOT autograd, Inductor's wrapper, our op) per variant."""
     sys.path.insert(0, os.path.dirname(__file__))
-    from bench_attention import Variant
+    from bench_attention import Variant, step
 
     import attn_inductor  # noqa: F401
-    from attn_inductor.templates import launch
 
     torch._inductor.config.force_disable_caches = True
     rows = []
@@ -119,22 +118,10 @@ def compiled_rows() -> list[str]:
         fn = torch.compile(vt.naive(), backend="flexattn", dynamic=False)
         q, k, v = (torch.randn(1, 2, 256, 64, requires_grad=True) for _ in range(3))
         g = torch.randn(1, 2, 256, 64)
-        fn(q, k, v).backward(g)  # compile (and the kernels' first runs) before stubbing the launch
-
-        def fwd():
-            with torch.no_grad():
-                fn(q, k, v)
-
-        def fwd_bwd():
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v).backward(g)
-
-        real, launch._run_kernel = launch._run_kernel, (lambda *args, **kwargs: None)
-        try:
-            f = min(per_call_us(fwd, n=300) for _ in range(5))
-            b = min(per_call_us(fwd_bwd, n=300) for _ in range(5))
-        finally:
-            launch._run_kernel = real
+        fn(q, k, v).backward(g)  # compile first (main() has stubbed the launch already)
+        fwd, fwd_bwd = step(fn, (q, k, v), False), step(fn, (q, k, v), True, g)
+        f = min(per_call_us(fwd, n=300) for _ in range(5))
+        b = min(per_call_us(fwd_bwd, n=300) for _ in range(5))
         rows.append(f"| {name} | {f:.1f} | {b:.1f} |")
     return rows
 

@@ -21,22 +21,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_attention import Variant, git_sha  # noqa: E402
-
-
-def _runner(fn, args, bwd):
-    if not bwd:
-        def run():
-            with torch.no_grad():
-                return fn(*args)
-        return run
-    g = torch.randn_like(fn(*args))
-
-    def run():
-        for a in args:
-            a.grad = None
-        fn(*args).backward(g)
-    return run
+from bench_attention import Variant, git_sha, step  # noqa: E402
 
 
 def host_and_gpu_ms(run, calls=20, sleep_cycles=int(4e8)):
@@ -98,7 +83,7 @@ def main(argv=None):
                         bm = create_block_mask(vt.mm, None, None, S, S, device=dev) if vt.mm else None
                         flex_c = torch.compile(flex_attention, dynamic=False, mode=mode)
                         fn = (lambda bm_: lambda q, k, v: flex_c(q, k, v, score_mod=vt.sm, block_mask=bm_))(bm)
-                    run = _runner(fn, (q, k, v), bwd)
+                    run = step(fn, (q, k, v), bwd)
                     for _ in range(3):
                         run()
                     host, gpu, blocked = host_and_gpu_ms(run)

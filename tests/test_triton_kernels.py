@@ -119,6 +119,12 @@ def causal_mask(offset: int = 0):
     return E.call("ge", E.call("add", E.q_idx, _c(offset), dtype=I64), E.kv_idx, dtype=BOOL)
 
 
+def causal_key_padding_mask():
+    """Causal, and keys kept where the captured ``keep[b, kv_idx]`` (int64) is nonzero: a padding mask."""
+    keep = E.call("ne", E.Load(0, (E.b, E.kv_idx), E.INT64), E.const(0, E.INT64), dtype=BOOL)
+    return E.and_(causal_mask(), keep)
+
+
 def sliding_mask(window: int):
     d = E.call("sub", E.q_idx, E.kv_idx, dtype=I64)
     return E.and_(causal_mask(), E.call("lt", d, _c(window), dtype=BOOL))
@@ -759,8 +765,7 @@ def test_changing_padding_masks_keep_their_plans(monkeypatch):
     clear_block_sparsity_cache()
     monkeypatch.setattr(launch, "_plans", OrderedDict())
     q, k, v, do = _inputs(2, 2, 2, 40, 40, 16, torch.float32)
-    mask = E.and_(causal_mask(), E.call("ne", E.Load(0, (E.b, E.kv_idx), E.INT64), E.const(0, E.INT64),
-                                        dtype=BOOL))
+    mask = causal_key_padding_mask()
     spec = AttentionSpec(score_live=E.score, mask=mask, scale=0.25, num_captured=1).to_json()
     counts = []
     for right_pad in (0, 9, 17, 30):
@@ -789,8 +794,7 @@ def test_changing_padding_masks_read_nothing_on_the_host(monkeypatch):
 
     monkeypatch.setattr(launch, "_run_kernel", lambda *args, **kwargs: None)
     q, k, v, do = _inputs(2, 2, 2, 64, 64, 16, torch.float32)
-    mask = E.and_(causal_mask(), E.call("ne", E.Load(0, (E.b, E.kv_idx), E.INT64), E.const(0, E.INT64),
-                                        dtype=BOOL))
+    mask = causal_key_padding_mask()
     spec = AttentionSpec(score_live=E.score, mask=mask, scale=0.25, num_captured=1).to_json()
     cfg = default_config(impl="triton")
 

@@ -22,13 +22,17 @@ from attn_inductor.lowering import expr as E  # noqa: E402
 from attn_inductor.runtime import block_sparsity_for  # noqa: E402
 from attn_inductor.templates import launch  # noqa: E402
 from tests.test_triton_kernels import (  # noqa: E402
-    BOOL, _inputs, alibi_score, causal_mask, check_case, document_mask, relbias_score, sliding_mask, softcap_score)
+    BOOL, _inputs, alibi_score, causal_key_padding_mask, causal_mask, check_case, document_mask, relbias_score,
+    sliding_mask, softcap_score)
 
 CUDA = "cuda"
 
 
 def production_sparsity(mask, q, k, captured):
-    """What the runtime passes: dense FULL without a mask, else the masks package's analysis."""
+    """What the runtime passes: no tables without a mask (``launch.reads_no_tables``), else the masks
+    package's analysis (tables, which the kernels ignore when they walk closed-form bounds)."""
+    if mask is None:
+        return None
     bm, bn = launch.preferred_blocks(q, k, k)
     return block_sparsity_for(mask, q, k, captured, bm, bn)
 
@@ -159,8 +163,7 @@ def test_changing_padding_masks_do_not_sync():
 
     b, h, n, d = 2, 4, 1024, 64
     q, k, v, do = _inputs(b, h, h, n, n, d, torch.bfloat16, device=CUDA)
-    pad = E.call("ne", E.Load(0, (E.b, E.kv_idx), E.INT64), E.const(0, E.INT64), dtype=BOOL)
-    spec = AttentionSpec(score_live=E.score, mask=E.and_(causal_mask(), pad), scale=d ** -0.5,
+    spec = AttentionSpec(score_live=E.score, mask=causal_key_padding_mask(), scale=d ** -0.5,
                          num_captured=1).to_json()
     cfg = default_config(impl="triton")
 
