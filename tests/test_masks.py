@@ -730,6 +730,16 @@ def test_rows_live_on_the_diagonal():
     assert not runtime._live_on_diagonal(padding)
     assert not runtime._live_on_diagonal(same("float32"))
     assert not runtime._live_on_diagonal(E.call("lt", E.q_idx, E.kv_idx, dtype=E.BOOL))
+    # the masked_fill spelling of bench_attention's document variant: the negation of what is dropped
+    dropped = E.call("or", E.call("lt", E.q_idx, E.kv_idx, dtype=E.BOOL),
+                     E.call("ne", E.Load(0, (E.q_idx,), E.INT64), E.Load(0, (E.kv_idx,), E.INT64), dtype=E.BOOL),
+                     dtype=E.BOOL)
+    assert runtime._live_on_diagonal(E.Call("not", (dropped,), E.BOOL))
+    assert not runtime._live_on_diagonal(dropped)
+    assert not runtime._live_on_diagonal(E.Call("not", (E.call("and", causal, same(E.INT64), dtype=E.BOOL),),
+                                                E.BOOL))
+    float_ne = E.call("ne", E.Load(0, (E.q_idx,), "float32"), E.Load(0, (E.kv_idx,), "float32"), dtype=E.BOOL)
+    assert not runtime._live_on_diagonal(E.Call("not", (float_ne,), E.BOOL))  # NaN ids: NaN != NaN
     assert runtime._rows_always_live(document, 64, 64, "cpu")
     assert not runtime._rows_always_live(document, 65, 64, "cpu")  # row 64 has no diagonal entry
     assert not runtime._rows_always_live(padding, 64, 64, "cpu")

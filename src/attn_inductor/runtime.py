@@ -163,20 +163,27 @@ def _decide_rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -
 def _live_on_diagonal(pred: Expr) -> bool:
     """``pred`` holds wherever ``kv_idx == q_idx``, whatever its loads read: ``doc[q_idx] == doc[kv_idx]``
     and ``q_idx >= kv_idx`` become comparisons of an integer with itself.  Proven symbolically (no value
-    read), so document masks over any tensor qualify; anything unproven answers False."""
-    def always(e: Expr) -> bool:
+    read), so document masks over any tensor qualify, in either spelling: a model that writes
+    ``masked_fill((i < j) | (doc_i != doc_j), -inf)`` keeps ``~(q_idx < kv_idx | doc[q_idx] != doc[kv_idx])``,
+    so negations are pushed through (De Morgan).  Anything unproven answers False."""
+    def always(e: Expr, negated: bool) -> bool:
+        """``e`` is always True (``negated``: always False) on the diagonal."""
         if E.is_const(e):
-            return bool(e.value)
-        if isinstance(e, E.Call):
-            if e.op == "and":
-                return all(always(a) for a in e.args)
-            if e.op == "or":
-                return any(always(a) for a in e.args)
-            if e.op in ("eq", "le", "ge") and e.args[0] == e.args[1] and not E.is_float(e.args[0].dtype):
-                return True  # an integer or bool equals itself (a float may be NaN)
+            return bool(e.value) != negated
+        if not isinstance(e, E.Call):
+            return False
+        if e.op == "not":
+            return always(e.args[0], not negated)
+        if e.op in ("and", "or"):
+            every = (e.op == "and") != negated  # not(a | b) == not a & not b
+            parts = (always(a, negated) for a in e.args)
+            return all(parts) if every else any(parts)
+        if e.op in E.COMPARISONS and e.args[0] == e.args[1] and not E.is_float(e.args[0].dtype):
+            # an integer or bool compared with itself (a float may be NaN, which equals nothing)
+            return (e.op in ("eq", "le", "ge")) != negated
         return False
 
-    return always(E.substitute(pred, {E.kv_idx: E.q_idx}))
+    return always(E.substitute(pred, {E.kv_idx: E.q_idx}), False)
 
 
 def _may_have_empty_rows(spec: AttentionSpec, q, k) -> bool:
