@@ -44,7 +44,7 @@ import torch
 from .lowering import expr as E
 from .lowering.expr import Expr
 from .lowering.spec import AttentionSpec
-from .masks.block_sparsity import FULL, PARTIAL, BlockSparsity, dense
+from .masks.block_sparsity import FULL, BlockSparsity, dense, get_block_sparsity
 
 __all__ = ["attention_forward", "attention_backward", "block_sparsity_for"]
 
@@ -55,10 +55,6 @@ def block_sparsity_for(pred: Expr | None, q, k, captured, block_m: int, block_n:
     kv_len = k.shape[2]
     if pred is None:
         return dense(block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len, device=q.device, kind=FULL)
-    try:
-        from .masks.block_sparsity import get_block_sparsity
-    except ImportError:  # masks/ has not grown the analysis yet: every tile PARTIAL is always sound
-        return dense(block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len, device=q.device, kind=PARTIAL)
     # a mask tensor that changes from call to call (padding) is not re-read on the host every call:
     # Note [changing mask tensors] in masks/block_sparsity.py
     return get_block_sparsity(pred, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, captured=captured,
