@@ -52,6 +52,15 @@ def _env_key(name: str) -> bytes:
     return name.encode(_ENV_ENCODING, "surrogateescape")
 
 
+def env_reader(*names: str):
+    """A function returning the raw values of ``names`` (None where unset), for per-call cache keys:
+    equal tuples mean equal values of every ``env(name)``, without decoding anything."""
+    if _ENV_DATA is not None:
+        keys, get = tuple(_env_key(n) for n in names), _ENV_DATA.get
+        return lambda: tuple(map(get, keys))
+    return lambda: tuple(map(os.environ.get, names))
+
+
 def cuda_graph_pool_active(device) -> bool:
     """Allocations on this thread may land in a CUDA graph's private memory pool: a stream capture, or
     the warm-up and recording runs of Inductor's CUDA graph trees (``mode="reduce-overhead"``).

@@ -58,12 +58,15 @@ def implementation_name(device: torch.device | str, impl: str = "auto") -> str:
 
 
 def _implementation(device: torch.device, config: dict):
-    return _implementation_for(device.type, config.get("impl", "auto"), _compat.triton_interpret_enabled())
+    return _implementation_for(device.type, config.get("impl", "auto"), _INTERPRET_ENV())
+
+
+_INTERPRET_ENV = _compat.env_reader("TRITON_INTERPRET")
 
 
 @functools.lru_cache(maxsize=None)
-def _implementation_for(device_type: str, impl: str, interpret: bool):
-    """The module for (device type, impl, interpreter flag): decided, and imported, once."""
+def _implementation_for(device_type: str, impl: str, interpret_env: tuple):
+    """The module for (device type, impl, TRITON_INTERPRET's value): decided, and imported, once."""
     name = implementation_name(torch.device(device_type), impl)
     if name.startswith("triton"):
         from .templates import launch

@@ -41,6 +41,7 @@ from typing import Sequence
 
 import torch
 
+from . import _compat
 from .lowering import expr as E
 from .lowering.expr import Expr
 from .lowering.spec import AttentionSpec
@@ -62,20 +63,44 @@ def block_sparsity_for(pred: Expr | None, q, k, captured, block_m: int, block_n:
 
 
 def _sparsity(impl, pred, q, k, v, captured, backward: bool) -> BlockSparsity | None:
-    reads_no_tables = getattr(impl, "reads_no_tables", None)
-    if reads_no_tables is not None and reads_no_tables(pred):  # no mask, or Note [closed-form bounds]
+    if _reads_no_tables(impl, pred):  # no mask, or Note [closed-form bounds]
         return None
     block_m, block_n = impl.preferred_blocks(q, k, v, backward=backward)
     return block_sparsity_for(pred, q, k, captured, block_m, block_n)
 
 
+def _reads_no_tables(impl, pred) -> bool:
+    """``impl.reads_no_tables(pred)``, kept per (implementation, predicate, tables policy): every call asks."""
+    key = (id(impl), id(pred), _TABLES_POLICY())
+    hit = _untabled.get(key)
+    if hit is None or hit[0] is not impl or hit[1] is not pred:  # the value keeps both ids their own
+        test = getattr(impl, "reads_no_tables", None)
+        hit = _untabled[key] = (impl, pred, test is not None and bool(test(pred)))
+        while len(_untabled) > 256:
+            _untabled.pop(next(iter(_untabled)))
+    return hit[2]
+
+
+_untabled: dict[tuple, tuple] = {}
+_TABLES_POLICY = _compat.env_reader("ATTN_INDUCTOR_SPARSITY")
+
+
 def _check(spec: AttentionSpec, q, k, v, captured):
+    key = (id(spec), q.shape[1], k.shape[1], len(captured))
+    if _checked.get(key) is spec:  # the spec object is kept by the key's value: its id stays its own
+        return
     if spec.dropout_p:
         raise NotImplementedError("attention with dropout is not implemented by the runtime")
     if q.shape[1] != k.shape[1] * spec.gqa_group:
         raise ValueError(f"q has {q.shape[1]} heads, k has {k.shape[1]}, spec says gqa_group={spec.gqa_group}")
     if len(captured) != spec.num_captured:
         raise ValueError(f"spec captures {spec.num_captured} tensors, got {len(captured)}")
+    _checked[key] = spec
+    while len(_checked) > 256:
+        _checked.pop(next(iter(_checked)))
+
+
+_checked: dict[tuple, AttentionSpec] = {}
 
 
 def _no_hard_entry(lse: torch.Tensor, lse_fallback: torch.Tensor) -> torch.Tensor:
@@ -119,7 +144,7 @@ def attention_forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Ten
     return out, lse, lse_fallback
 
 
-def _rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
+def _rows_always_live(pred: Expr, q_len: int, kv_len: int, device) -> bool:
     """True when every query row has at least one entry passing ``pred`` (causal, sliding window,
     prefix-LM ...), so no row can be fully masked and the NaN-row bookkeeping can be skipped.
 
@@ -130,7 +155,8 @@ def _rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
     key = (pred, q_len, kv_len, device)
     hit = _rows_live.get(key)
     if hit is None:
-        if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
         hit = _rows_live[key] = _decide_rows_always_live(pred, q_len, kv_len, device)
         while len(_rows_live) > 256:
@@ -141,7 +167,7 @@ def _rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
 _rows_live: dict[tuple, bool] = {}
 
 
-def _decide_rows_always_live(pred: Expr, q_len: int, kv_len: int, device: str) -> bool:
+def _decide_rows_always_live(pred: Expr, q_len: int, kv_len: int, device: torch.device) -> bool:
     if q_len <= kv_len and _live_on_diagonal(pred):  # every row has its diagonal entry, and it passes
         return True
     if not E.free_symbols(pred) <= {"q_idx", "kv_idx"}:
@@ -183,7 +209,7 @@ def _live_on_diagonal(pred: Expr) -> bool:
 
 
 def _may_have_empty_rows(spec: AttentionSpec, q, k) -> bool:
-    return spec.mask is not None and not _rows_always_live(spec.mask, q.shape[2], k.shape[2], str(q.device))
+    return spec.mask is not None and not _rows_always_live(spec.mask, q.shape[2], k.shape[2], q.device)
 
 
 def _poison_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

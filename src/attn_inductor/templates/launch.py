@@ -340,9 +340,14 @@ _PLANS_MAX = 256
 
 
 def _policy_key(dtype: torch.dtype, env: str) -> tuple:
+    """Everything a plan reads from the environment and torch's matmul settings (raw values: cheap)."""
     tf32 = dtype == torch.float32 and _compat.fp32_matmul_allows_tf32()
-    return (_compat.env(env), _compat.env(SPARSITY_ENV), _compat.triton_interpret_enabled(), tf32,
-            _static_launches_on())
+    return _POLICY_ENV[env](), tf32
+
+
+_POLICY_ENV = {name: _compat.env_reader(name, "ATTN_INDUCTOR_SPARSITY", "TRITON_INTERPRET",
+                                        "ATTN_INDUCTOR_STATIC_LAUNCH")
+               for name in ("ATTN_INDUCTOR_FWD_CONFIG", "ATTN_INDUCTOR_BWD_CONFIG")}
 
 
 def _static_launches_on() -> bool:
@@ -439,6 +444,11 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     else:
         rs, rs_strides = lse, (0, 0, 0)
 
+    strides = kept.get("strides")  # fixed by the plan's key (Note [launch plans])
+    if strides is None:
+        strides = kept["strides"] = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride())
+    tail = (*strides, *rs_strides, *num_strides, *idx_strides, q_len, kv_len, float(scale))
+
     def launch_one(c):
         site = (tuple(rs_strides), c)
         recipe = kept.get(("recipe", site))  # the grid and constexprs are the site's (Note [launch plans])
@@ -450,9 +460,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
                 EVEN_M=q_len % block_m == 0, EVEN_N=kv_len % (block_n * kv_mult) == 0,
                 num_warps=c.num_warps, num_stages=c.num_stages))
         grid, kwargs = recipe
-        args = (q, k, v, out, lse, rs, *tables, cap_ptrs, cap_strides,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *rs_strides,
-                *num_strides, *idx_strides, q_len, kv_len, float(scale))
+        args = (q, k, v, out, lse, rs, *tables, cap_ptrs, cap_strides, *tail)
         _run_kernel(_attn_fwd, grid, args, kwargs, (kept, site) if static_site else None)
 
     _launch(_attn_fwd, key, _attempts(cfg, "block_n"), launch_one, kept)
@@ -519,20 +527,16 @@ def _grad_buffers(captured, needs, hooks, deterministic: bool, dummy: torch.Tens
 
 
 def _row_buffers(batch: int, hq: int, q_len: int, pre_block: int, with_lse_c: bool, with_dead: bool, device):
-    """DELTA, LSE_X, LSE_C and DEAD as views of one fp32 allocation (a CUDA allocation costs the host
-    several times a view).  Each starts on a 64-byte boundary, keeping the kernels' 16-byte
-    specialisation; LSE_C and DEAD alias DELTA when they are not used."""
-    rows = batch * hq * q_len
-    seg = -(-rows // 16) * 16
-    tiles = triton_cdiv(q_len, pre_block)
-    n_dead = batch * hq * tiles if with_dead else 0
-    n_seg = 3 if with_lse_c else 2
-    buf = torch.empty(n_seg * seg + n_dead, dtype=torch.float32, device=device)
-    shape, strides = (batch, hq, q_len), (hq * q_len, q_len, 1)
-    delta = buf.as_strided(shape, strides, 0)
-    lse_x = buf.as_strided(shape, strides, seg)
-    lse_c = buf.as_strided(shape, strides, 2 * seg) if with_lse_c else delta
-    dead = buf[n_seg * seg:].view(torch.int32).view(batch, hq, tiles) if with_dead else delta
+    """DELTA, LSE_X, LSE_C and DEAD as rows of one fp32 allocation (a CUDA allocation costs the host
+    several times a view).  The kernels read them as flat [B * Hq * Lq] (DEAD [B * Hq * tiles]) arrays;
+    each row starts on a 64-byte boundary, keeping the kernels' 16-byte specialisation.  LSE_C and DEAD
+    alias DELTA when they are not used."""
+    seg = -(-(batch * hq * q_len) // 16) * 16
+    n_seg = (3 if with_lse_c else 2) + (1 if with_dead else 0)  # DEAD (B * Hq * tiles <= rows) fits a row
+    rows = torch.empty((n_seg, seg), dtype=torch.float32, device=device).unbind(0)
+    delta, lse_x = rows[0], rows[1]
+    lse_c = rows[2] if with_lse_c else delta
+    dead = rows[-1].view(torch.int32) if with_dead else delta
     return delta, lse_x, lse_c, dead
 
 
@@ -601,9 +605,15 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
         pre_kwargs = kept["preprocess kwargs"] = dict(
             HEAD_DIM_V=dv_dim, BLOCK_M=pre_block, BLOCK_DV=configs.head_block(dv_dim),
             BASE2=not hooks.has_score_mod, GQA_GROUP=gqa_group, EMPTY_NAN=empty_nan)
+    strides = kept.get("strides")  # fixed by the plan's key (Note [launch plans])
+    if strides is None:
+        strides = kept["strides"] = (
+            (*out.stride(), *grad_out.stride(), *lse.stride(), hq, q_len),
+            (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+             *fwd_table_strides[0], *fwd_table_strides[1], *table_strides[0], *table_strides[1], hq, q_len, kv_len))
+    pre_tail, bwd_strides = strides
     _run_kernel(_attn_bwd_preprocess, (triton_cdiv(q_len, pre_block), hq, batch),
-                (out, grad_out, lse, delta, lse_x, lse_c, dead, *out.stride(), *grad_out.stride(), *lse.stride(),
-                 hq, q_len),
+                (out, grad_out, lse, delta, lse_x, lse_c, dead, *pre_tail),
                 pre_kwargs, (kept, "preprocess") if static_site else None)
 
     cap_ptrs = _captured_args(captured)[0]
@@ -613,8 +623,6 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     max_bits = tuple(b[2] for b in bufs)
     counts = tuple(b[3] for b in bufs)
     grad_args = (cap_ptrs, cap_strides, grads, fixed, max_bits, counts, grad_strides)
-    fwd_num_strides, fwd_idx_strides = fwd_table_strides
-    num_strides, idx_strides = table_strides
     if blocks is None:
         fwd_tables = tables = (delta, delta, delta, delta)  # unused placeholders
     else:
@@ -641,9 +649,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
                 EMPTY_NAN=empty_nan, PRE_BLOCK=pre_block, num_warps=c.num_warps, num_stages=c.num_stages))
         grid, kv_tiles, kwargs = recipe
         args = (q, k, v, grad_out, dq, dk, dv, lse_x, lse_c, delta, dead, *fwd_tables, *tables, *grad_args,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-                *fwd_num_strides, *fwd_idx_strides, *num_strides, *idx_strides,
-                hq, q_len, kv_len, float(scale), kv_tiles)
+                *bwd_strides, float(scale), kv_tiles)
         _run_kernel(_attn_bwd, grid, args, kwargs, (kept, site) if static_site else None)
 
     def run(name, do_dkdv, do_dq, stats_pass=False):
