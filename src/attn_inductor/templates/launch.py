@@ -101,6 +101,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _captured_args(captured: Sequence[torch.Tensor]):
+    if not captured:
+        return (), ()
     ptrs = tuple(t.view(torch.uint8) if t.dtype == torch.bool else t for t in captured)
     strides = tuple(int(s) for t in captured for s in t.stride())
     return ptrs, strides
@@ -381,12 +383,15 @@ def reads_no_tables(pred: Expr | None) -> bool:
     return walks_bounds(pred) or (pred is None and not _tables_forced())
 
 
+_FWD_MODULE, _BWD_MODULE = __package__ + ".attn_fwd", __package__ + ".attn_bwd"
+
+
 def _kernels() -> dict:
     """The Triton kernels, imported on first use (TRITON_INTERPRET must be set before they are defined).
 
     Looked up in ``sys.modules`` on every call (cheaper than an import statement) so that a reload of
     the kernel modules, as the tests do to switch the interpreter on and off, is seen."""
-    fwd, bwd = sys.modules.get(__package__ + ".attn_fwd"), sys.modules.get(__package__ + ".attn_bwd")
+    fwd, bwd = sys.modules.get(_FWD_MODULE), sys.modules.get(_BWD_MODULE)
     if fwd is None or bwd is None:
         from . import attn_bwd as bwd, attn_fwd as fwd  # noqa: I001
     return {"fwd": fwd._attn_fwd, "bwd": bwd._attn_bwd, "preprocess": bwd._attn_bwd_preprocess}
@@ -568,7 +573,8 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     batch, hq, q_len, d = _dims(q, k, v)
     hkv, kv_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     device = q.device
-    grad_out = grad_out.to(v.dtype)
+    if grad_out.dtype != v.dtype:
+        grad_out = grad_out.to(v.dtype)
     needs = [bool(n) for n in captured_needs_grad]
     if len(needs) != len(captured):
         raise ValueError(f"{len(captured)} captured tensors but {len(needs)} needs-grad flags")
@@ -618,10 +624,7 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
 
     cap_ptrs = _captured_args(captured)[0]
     bufs = _grad_buffers(captured, grad_needs, hooks, deterministic, delta)
-    grads = tuple(b[0] for b in bufs)
-    fixed = tuple(b[1] for b in bufs)
-    max_bits = tuple(b[2] for b in bufs)
-    counts = tuple(b[3] for b in bufs)
+    grads, fixed, max_bits, counts = tuple(zip(*bufs)) if bufs else ((), (), (), ())
     grad_args = (cap_ptrs, cap_strides, grads, fixed, max_bits, counts, grad_strides)
     if blocks is None:
         fwd_tables = tables = (delta, delta, delta, delta)  # unused placeholders
