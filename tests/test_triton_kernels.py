@@ -698,6 +698,15 @@ def test_static_launch_forms(launcher_args, form, monkeypatch):
     assert launch._policy_key(torch.bfloat16, "ATTN_INDUCTOR_FWD_CONFIG") != on
 
 
+def _fresh_call_sites(monkeypatch):
+    """Tests that count plans made by the op need calls that plan: no call site kept from another test
+    with the same metadata (Note [call sites] in runtime.py)."""
+    from attn_inductor import ops
+
+    monkeypatch.setattr(ops, "_forward_sites", {})
+    monkeypatch.setattr(ops, "_backward_sites", {})
+
+
 def test_launch_plans_follow_the_call_site(monkeypatch):
     """Note [launch plans]: a plan is reused only for the very same expressions, sparsity and layout, and
     an environment override of the tiles is a new plan."""
@@ -736,6 +745,7 @@ def test_soft_mask_op_reuses_its_plans(monkeypatch):
     from attn_inductor.ops import default_config
 
     monkeypatch.setattr(launch, "_plans", OrderedDict())
+    _fresh_call_sites(monkeypatch)
     q, k, v, do = _inputs(1, 2, 2, 40, 40, 16, torch.float32)
     keep = torch.ones(1, 40, dtype=torch.bool)
     keep[0, 25:] = False  # keys 25.. soft-masked: every row keeps a live entry (key 0)
@@ -764,6 +774,7 @@ def test_changing_padding_masks_keep_their_plans(monkeypatch):
 
     clear_block_sparsity_cache()
     monkeypatch.setattr(launch, "_plans", OrderedDict())
+    _fresh_call_sites(monkeypatch)
     q, k, v, do = _inputs(2, 2, 2, 40, 40, 16, torch.float32)
     mask = causal_key_padding_mask()
     spec = AttentionSpec(score_live=E.score, mask=mask, scale=0.25, num_captured=1).to_json()
@@ -782,6 +793,84 @@ def test_changing_padding_masks_keep_their_plans(monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         counts.append(len(launch._plans))
     assert counts[0] > 0 and counts == [counts[0]] * 4, counts
+
+
+def _alibi_score():
+    dist = E.call("abs", E.call("sub", E.q_idx, E.kv_idx, dtype=_I64), dtype=_I64)
+    return E.call("sub", E.score, E.call("mul", E.Load(0, (E.h,), "float32"), dist, dtype="float32"),
+                  dtype="float32")
+
+
+def test_call_sites_compute_what_the_slow_path_does(monkeypatch):
+    """Note [call sites] in runtime.py: after a first call, calls with tensors of the same metadata skip
+    the runtime's planning and launch the site's plan; every call still equals the CPU implementation
+    (new values, a changed document-id tensor, learned ALiBi slopes' gradients, GQA).  New strides or a
+    changed ``ATTN_INDUCTOR_SPARSITY`` make a new site; a soft mask never gets one."""
+    from attn_inductor import runtime
+    from attn_inductor.lowering.spec import AttentionSpec
+    from attn_inductor.ops import default_config
+
+    slow = []
+
+    def counted(name):
+        inner = getattr(runtime, name)
+
+        def call(*args, **kwargs):
+            slow.append(name)
+            return inner(*args, **kwargs)
+        return call
+
+    for name in ("attention_forward", "attention_backward"):
+        monkeypatch.setattr(runtime, name, counted(name))
+    _fresh_call_sites(monkeypatch)
+    doc_eq = E.call("eq", E.Load(0, (E.q_idx,), _I64), E.Load(0, (E.kv_idx,), _I64), dtype=BOOL)
+    cases = {  # name: (spec, captured per call, needs grad, kv heads, fast path expected)
+        "causal": (AttentionSpec(score_live=E.score, mask=causal_mask(), scale=0.25), lambda i: [], [], 2, True),
+        "document": (AttentionSpec(score_live=E.score, mask=E.Call("not", (E.call(
+            "or", E.call("lt", E.q_idx, E.kv_idx, dtype=BOOL), E.call("not", doc_eq, dtype=BOOL),
+            dtype=BOOL),), BOOL), scale=0.25, num_captured=1),
+            lambda i: [(torch.arange(40) + 7 * i) // 13], [False], 2, True),
+        "alibi gqa": (AttentionSpec(score_live=_alibi_score(), mask=causal_mask(), scale=0.25, gqa_group=2,
+                                    num_captured=1),
+                      lambda i: [torch.linspace(0.1, 0.5, 4) * (i + 1)], [True], 2, True),
+        "soft padding": (AttentionSpec(score_live=E.score, mask=causal_mask(),
+                                       soft_mask=E.Load(0, (E.b, E.kv_idx), BOOL), scale=0.25, num_captured=1),
+                         lambda i: [torch.arange(40).expand(2, 40) < 30 + i], [False], 2, False),
+    }
+    for name, (spec, captured_for, needs, hkv, fast) in cases.items():
+        hq = hkv * spec.gqa_group
+        sj = spec.to_json()
+        for i in range(3):
+            q, k, v, do = _inputs(2, hq, hkv, 40, 40, 16, torch.float32, seed=i)
+            captured = captured_for(i)
+            slow.clear()
+            got = torch.ops.attn_inductor.attention.default(q, k, v, captured, sj, default_config(impl="triton"))
+            grads = torch.ops.attn_inductor.attention_backward.default(q, k, v, *got, do, captured, needs, sj,
+                                                                       default_config(impl="triton"))
+            took_slow = list(slow)
+            want = torch.ops.attn_inductor.attention.default(q, k, v, captured, sj, default_config(impl="cpu"))
+            want_grads = torch.ops.attn_inductor.attention_backward.default(q, k, v, *want, do, captured, needs,
+                                                                            sj, default_config(impl="cpu"))
+            torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5, msg=name)
+            for a, b in zip([*grads[:3], *grads[3]], [*want_grads[:3], *want_grads[3]]):
+                if a.numel() or b.numel():
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+            expected = [] if (fast and i > 0) else ["attention_forward", "attention_backward"]
+            assert took_slow == expected, (name, i, took_slow)
+
+    # new strides: a new site (its first call plans); a changed tables policy likewise
+    spec, *_ = cases["causal"]
+    sj, cfg = spec.to_json(), default_config(impl="triton")
+    q, k, v, _ = _inputs(2, 2, 2, 40, 40, 16, torch.float32)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    for variant in range(2):
+        slow.clear()
+        if variant == 1:
+            monkeypatch.setenv("ATTN_INDUCTOR_SPARSITY", "tables")
+        out = torch.ops.attn_inductor.attention.default(qt if variant == 0 else q, k, v, [], sj, cfg)[0]
+        assert slow == ["attention_forward"], variant
+        want = torch.ops.attn_inductor.attention.default(q, k, v, [], sj, default_config(impl="cpu"))[0]
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_changing_padding_masks_read_nothing_on_the_host(monkeypatch):

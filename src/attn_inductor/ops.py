@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -106,11 +106,40 @@ _lib.define("attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor
             "-> (Tensor, Tensor, Tensor, Tensor[])")
 
 
+def _site_key(spec: str, config: str, q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor]) -> tuple:
+    """Everything the runtime's planning reads besides values (Note [call sites] in runtime.py)."""
+    return (spec, config, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, tuple((t.shape, t.stride(), t.dtype, t.device) for t in captured),
+            _POLICY_ENV(), q.dtype == torch.float32 and _compat.fp32_matmul_allows_tf32())
+
+
+_POLICY_ENV = _compat.env_reader("ATTN_INDUCTOR_FWD_CONFIG", "ATTN_INDUCTOR_BWD_CONFIG", "ATTN_INDUCTOR_SPARSITY",
+                                 "ATTN_INDUCTOR_STATIC_LAUNCH", "TRITON_INTERPRET")
+_SITES_MAX = 256
+_forward_sites: dict[tuple, Any] = {}  # site key -> runtime.forward_site's function, or False (none)
+_backward_sites: dict[tuple, Any] = {}
+
+
+def _remember(sites: dict, key: tuple, site) -> None:
+    sites[key] = site or False
+    while len(sites) > _SITES_MAX:
+        sites.pop(next(iter(sites)))
+
+
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: str, config: str
                     ) -> tuple[Tensor, Tensor, Tensor]:
+    key = _site_key(spec, config, q, k, v, captured)
+    site = _forward_sites.get(key)
+    if site:
+        got = site(q, k, v, captured)
+        if got is not None:
+            return got  # fresh contiguous tensors
     s = AttentionSpec.from_json(spec)
     cfg = _parse_config(config)
-    out, lse, lse_fb = _runtime().attention_forward(s, q, k, v, list(captured), _implementation(q.device, cfg))
+    impl = _implementation(q.device, cfg)
+    out, lse, lse_fb = _runtime().attention_forward(s, q, k, v, list(captured), impl)
+    if site is None:
+        _remember(_forward_sites, key, _runtime().forward_site(s, q, k, v, list(captured), impl))
     # the fake kernel promises contiguous outputs; keep the promise whatever the implementation returned
     return out.contiguous(), lse.contiguous(), lse_fb.contiguous()
 
@@ -127,11 +156,22 @@ def _attention_fake(q, k, v, captured, spec, config):
 def _attention_backward_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_fallback: Tensor,
                              grad_out: Tensor, captured: Sequence[Tensor], captured_needs_grad: Sequence[bool],
                              spec: str, config: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    s = AttentionSpec.from_json(spec)
-    cfg = _parse_config(config)
-    dq, dk, dv, dcap = _runtime().attention_backward(
-        s, q, k, v, out, lse, lse_fallback, grad_out, list(captured), list(captured_needs_grad),
-        _implementation(q.device, cfg), deterministic=bool(cfg.get("deterministic", False)))
+    key = (*_site_key(spec, config, q, k, v, captured), out.shape, out.stride(), lse.shape, lse.stride(),
+           lse_fallback.shape, grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
+           tuple(captured_needs_grad))
+    site = _backward_sites.get(key)
+    got = site(q, k, v, out, lse, grad_out, captured) if site else None
+    if got is None:
+        s = AttentionSpec.from_json(spec)
+        cfg = _parse_config(config)
+        impl = _implementation(q.device, cfg)
+        deterministic = bool(cfg.get("deterministic", False))
+        got = _runtime().attention_backward(s, q, k, v, out, lse, lse_fallback, grad_out, list(captured),
+                                            list(captured_needs_grad), impl, deterministic=deterministic)
+        if site is None:
+            _remember(_backward_sites, key, _runtime().backward_site(
+                s, q, k, v, out, lse, grad_out, list(captured), list(captured_needs_grad), impl, deterministic))
+    dq, dk, dv, dcap = got
     dcap = [g.contiguous() if g is not None else c.new_empty((0,)) for g, c in zip(dcap, captured)]
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dcap
 

@@ -253,6 +253,85 @@ def attention_backward(spec: AttentionSpec, q, k, v, out, lse, lse_fallback, gra
     return dq, dk, dv, dcap
 
 
+def _nan_loads(spec: AttentionSpec, needs) -> list:
+    """The loads of captured tensors whose gradient a NaN row poisons (requested, and reached by the score)."""
+    return [ld for ld in E.loads(spec.full_score)
+            if needs[ld.buffer] and not E.is_const(E.diff(spec.full_score, ld), 0.0)]
+
+
+# Note [call sites]
+#     Per call, ``attention_forward`` re-derives what only depends on the spec and the tensors'
+#     metadata (checks, the NaN-row policy, whether tables are read) and the core looks its launch plan
+#     up by a key of some twenty values; on a GPU host that Python is most of what a small attention
+#     costs beyond Flex's (docs/benchmarks.md).  ``forward_site`` / ``backward_site`` do it once for a
+#     call site: they return a function that, for tensors of the same metadata, computes the sparsity
+#     (when tables are read: the mask tensors' cache stays per call, Note [changing mask tensors]) and
+#     runs the core's plan directly.  ops.py keys sites by spec, config, every tensor's shape, strides,
+#     dtype and device, and the environment's policies, so a site only sees calls the slow path would
+#     have planned the same way; a sparsity of another layout (a mask classified with loads unknown,
+#     say) returns None and the call takes the slow path.  Specs whose semantics need host work per call
+#     (soft masks; captured gradients poisoned by NaN rows) or cores without plans (the CPU path) get no
+#     site.
+def forward_site(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor], impl):
+    """A function (q, k, v, captured) -> (out, lse, lse_fallback) or None (Note [call sites]); None when the
+    spec or implementation has no fast path."""
+    if spec.has_soft_mask or not hasattr(impl, "forward_plan"):
+        return None
+    _check(spec, q, k, v, captured)
+    pred, score, scale = spec.live_mask, spec.score_live, spec.scale
+    untabled = _reads_no_tables(impl, pred)
+    sparsity = None if untabled else _sparsity(impl, pred, q, k, v, captured, backward=False)
+    layout = None if untabled else impl.sparsity_layout(sparsity)
+    nan_in_core = spec.fully_masked_rows == "eager" and spec.mask is not None
+    plan = impl.forward_plan(q, k, v, captured, score=score, mask=pred, gqa_group=spec.gqa_group,
+                             sparsity=sparsity, empty_rows="nan" if nan_in_core else "zero")
+
+    def run(q, k, v, captured):
+        sp = None
+        if not untabled:
+            sp = _sparsity(impl, pred, q, k, v, captured, backward=False)
+            if impl.sparsity_layout(sp) != layout:
+                return None
+        out, lse = impl.run_forward(plan, q, k, v, captured, scale=scale, sparsity=sp)
+        return out, lse, lse.new_empty(0)
+
+    return run
+
+
+def backward_site(spec: AttentionSpec, q, k, v, out, lse, grad_out, captured: Sequence[torch.Tensor],
+                  captured_needs_grad: Sequence[bool], impl, deterministic: bool = False):
+    """A function (q, k, v, out, lse, grad_out, captured) -> (dq, dk, dv, dcaptured) or None (Note [call
+    sites]); None when the spec or implementation has no fast path."""
+    if spec.has_soft_mask or not hasattr(impl, "backward_plan"):
+        return None
+    _check(spec, q, k, v, captured)
+    needs = [bool(n) for n in captured_needs_grad]
+    eager_nan = spec.fully_masked_rows == "eager" and _may_have_empty_rows(spec, q, k)
+    if eager_nan and _nan_loads(spec, needs):
+        return None
+    empty_rows = "nan" if eager_nan else "zero"
+    pred, score, scale = spec.live_mask, spec.score_live, spec.scale
+    untabled = _reads_no_tables(impl, pred)
+    sparsity = None if untabled else _sparsity(impl, pred, q, k, v, captured, backward=True)
+    layout = None if untabled else impl.sparsity_layout(sparsity)
+    if grad_out.dtype != v.dtype:
+        grad_out = grad_out.to(v.dtype)
+    plan = impl.backward_plan(q, k, v, out, lse, grad_out, captured, needs, score=score, mask=pred,
+                              gqa_group=spec.gqa_group, sparsity=sparsity, deterministic=deterministic,
+                              empty_rows=empty_rows)
+
+    def run(q, k, v, out, lse, grad_out, captured):
+        sp = None
+        if not untabled:
+            sp = _sparsity(impl, pred, q, k, v, captured, backward=True)
+            if impl.sparsity_layout(sp) != layout:
+                return None
+        return impl.run_backward(plan, q, k, v, out, lse, grad_out, captured, needs, scale=scale, sparsity=sp,
+                                 deterministic=deterministic, empty_rows=empty_rows)
+
+    return run
+
+
 def _fallback_backward(spec, q, k, v, lse_fallback, grad_out, captured, needs, impl, deterministic):
     """Backward of the soft-mask fallback rows, recomputed around a per-row shift.
 
@@ -295,8 +374,7 @@ def _nan_like_eager(spec, q, k, lse, lse_fallback, dq, dk, dv, dcap, captured, n
     """
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    loads = [ld for ld in E.loads(spec.full_score)
-             if needs[ld.buffer] and not E.is_const(E.diff(spec.full_score, ld), 0.0)]
+    loads = _nan_loads(spec, needs)
     if tensors_done and not loads:
         return dq, dk, dv, dcap
     dead = _no_hard_entry(lse, lse_fallback)

@@ -180,6 +180,9 @@ def _sparsity_layout(sp: BlockSparsity | None) -> tuple | None:
     return None if sp is None else _derived_of(sp)["layout"]
 
 
+sparsity_layout = _sparsity_layout  # what a launch plan depends on of a sparsity (runtime's call sites compare it)
+
+
 # Note [fitting the device]
 #     A config that suits plain attention can exceed the SM's shared memory once
 #     the hooks gather from captured tensors (the pipeliner stages those loads
@@ -420,24 +423,45 @@ def _plan_put(key: tuple, refs: tuple, plan) -> None:
 def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, row_select=None,
                  empty_rows: str = "zero"):
     """Softmax over entries passing ``mask`` of ``score`` (see cpu.core_forward); -> (out, lse)."""
-    _attn_fwd = _kernels()["fwd"]
-    batch, hq, q_len, d = _dims(q, k, v)
-    kv_len, dv = k.shape[2], v.shape[3]
-    out = torch.empty(batch, hq, q_len, dv, dtype=v.dtype, device=q.device)
-    lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
+    plan = forward_plan(q, k, v, captured, score=score, mask=mask, gqa_group=gqa_group, sparsity=sparsity,
+                        row_select=row_select is not None, empty_rows=empty_rows)
+    return run_forward(plan, q, k, v, captured, scale=scale, sparsity=sparsity, row_select=row_select)
+
+
+def forward_plan(q, k, v, captured, *, score, mask, gqa_group, sparsity, row_select: bool = False,
+                 empty_rows: str = "zero"):
+    """The launch plan of a forward call site (Note [launch plans]); None when the output is empty.
+
+    Valid for every call whose tensors match these in shape, strides, dtype and device, with a sparsity
+    of the same layout, while the environment's policies stay (``runtime.forward_site`` keeps it)."""
+    batch, hq, q_len, _ = _dims(q, k, v)
+    if batch * hq * q_len == 0:
+        return None
     refs = (score, mask)
     plan_key = ("fwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
                 k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-                _captured_key(captured),
-                row_select is not None, empty_rows, gqa_group, _policy_key(q.dtype, "ATTN_INDUCTOR_FWD_CONFIG"))
-    plan = _plan_get(plan_key, refs)  # Note [launch plans]
+                _captured_key(captured), row_select, empty_rows, gqa_group,
+                _policy_key(q.dtype, "ATTN_INDUCTOR_FWD_CONFIG"))
+    plan = _plan_get(plan_key, refs)
     if plan is None:
         _check(q, k, v, gqa_group)  # the key holds everything it looks at
         plan = _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows)
         _plan_put(plan_key, refs, plan)
+    return plan
+
+
+def run_forward(plan, q, k, v, captured, *, scale, sparsity, row_select=None):
+    """One forward call on ``plan`` (``forward_plan`` of tensors like these); -> (out, lse)."""
+    batch, hq, q_len = q.shape[0], q.shape[1], q.shape[2]
+    kv_len = k.shape[2]
+    out = torch.empty(batch, hq, q_len, v.shape[3], dtype=v.dtype, device=q.device)
+    lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)
+    if plan is None:
+        return out, lse
+    _attn_fwd = _kernels()["fwd"]
     hooks, cfg, num_strides, idx_strides, cap_strides, meta, key, kept, blocks = plan
+    if meta["HAS_ROW_SELECT"] != (row_select is not None):
+        raise ValueError("a forward plan made with(out) row_select run without (with) one")
     static_site = kept["static"]  # Note [static launches]
     tables = _tables(sparsity, forward=True) if blocks is not None else (lse, lse, lse, lse)  # else unused
     cap_ptrs = _captured_args(captured)[0]
@@ -472,7 +496,7 @@ def core_forward(q, k, v, captured, *, score, mask, scale, gqa_group, sparsity, 
     return out, lse
 
 
-def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select, empty_rows) -> tuple:
+def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_select: bool, empty_rows) -> tuple:
     """What core_forward needs besides the tensors' data (Note [launch plans]); checks the call site once."""
     d, dv = q.shape[3], v.shape[3]
     if sparsity is not None:
@@ -489,7 +513,7 @@ def _forward_plan(q, k, v, captured, score, mask, gqa_group, sparsity, row_selec
     cap_strides = _captured_args(captured)[1]
     meta = dict(
         HAS_SCORE_MOD=hooks.has_score_mod, HAS_MASK=hooks.has_mask, IS_SPARSE=sparsity is not None,
-        HAS_ROW_SELECT=row_select is not None, GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv,
+        HAS_ROW_SELECT=bool(row_select), GQA_GROUP=gqa_group, HEAD_DIM=d, HEAD_DIM_V=dv,
         BLOCK_D=configs.head_block(d), BLOCK_DV=configs.head_block(dv),
         INPUT_PRECISION=_input_precision(q.dtype), FP32_OPERANDS=_compat.triton_dot_needs_fp32_operands(),
         EMPTY_NAN=empty_rows == "nan", KV_BOUNDS=bounded)
@@ -568,34 +592,58 @@ def core_backward(q, k, v, out, lse, grad_out, captured, captured_needs_grad, *,
     ``empty_rows="nan"``: rows whose lse is -inf get eager's NaN dq, and dk/dv of the (batch, kv head)
     they belong to are NaN (Note [dead rows in the backward] in attn_bwd.py); else they contribute 0.
     """
-    kernels = _kernels()
-    _attn_bwd, _attn_bwd_preprocess = kernels["bwd"], kernels["preprocess"]
-    batch, hq, q_len, d = _dims(q, k, v)
-    hkv, kv_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    device = q.device
     if grad_out.dtype != v.dtype:
         grad_out = grad_out.to(v.dtype)
     needs = [bool(n) for n in captured_needs_grad]
+    plan = backward_plan(q, k, v, out, lse, grad_out, captured, needs, score=score, mask=mask,
+                         gqa_group=gqa_group, sparsity=sparsity, deterministic=deterministic, empty_rows=empty_rows)
+    return run_backward(plan, q, k, v, out, lse, grad_out, captured, needs, scale=scale, sparsity=sparsity,
+                        deterministic=deterministic, empty_rows=empty_rows)
+
+
+def backward_plan(q, k, v, out, lse, grad_out, captured, needs, *, score, mask, gqa_group, sparsity,
+                  deterministic=False, empty_rows: str = "zero"):
+    """The launch plan of a backward call site (Note [launch plans]); None when nothing is computed.
+    ``grad_out`` in v's dtype, ``needs`` one bool per captured tensor.  Valid as ``forward_plan``'s."""
+    batch, hq, q_len, _ = _dims(q, k, v)
     if len(needs) != len(captured):
         raise ValueError(f"{len(captured)} captured tensors but {len(needs)} needs-grad flags")
+    if batch * hq * q_len == 0 or k.shape[2] == 0:
+        return None
+    device = q.device
+    refs = (score, mask)
+    plan_key = ("bwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
+                k.stride(), v.shape, v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, k.dtype,
+                v.dtype, device, k.device, v.device, _captured_key(captured), tuple(needs), gqa_group,
+                bool(deterministic), empty_rows, _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
+    plan = _plan_get(plan_key, refs)
+    if plan is None:
+        _check(q, k, v, gqa_group)  # the key holds everything it looks at
+        plan = _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic)
+        _plan_put(plan_key, refs, plan)
+    return plan
+
+
+def run_backward(plan, q, k, v, out, lse, grad_out, captured, needs, *, scale, sparsity, deterministic=False,
+                 empty_rows: str = "zero"):
+    """One backward call on ``plan`` (``backward_plan`` of tensors like these, with the same ``needs``,
+    ``deterministic`` and ``empty_rows``); -> as ``core_backward``."""
+    if grad_out.dtype != v.dtype:
+        grad_out = grad_out.to(v.dtype)
+    device = q.device
     # every element is written by exactly one program (zeros where no tile is visited)
     dq = torch.empty(q.shape, dtype=q.dtype, device=device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=device)
     dcap: list[torch.Tensor | None] = [torch.zeros_like(t, memory_format=torch.contiguous_format) if n else None
                                        for t, n in zip(captured, needs)]
-    if batch * hq * q_len == 0 or kv_len == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dcap
-    refs = (score, mask)
-    plan_key = ("bwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
-                k.stride(), v.shape, v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, k.dtype,
-                v.dtype, device, k.device, v.device, _captured_key(captured), tuple(needs), gqa_group,
-                bool(deterministic), empty_rows, _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
-    plan = _plan_get(plan_key, refs)  # Note [launch plans]
     if plan is None:
-        _check(q, k, v, gqa_group)  # the key holds everything it looks at
-        plan = _backward_plan(q, k, v, captured, needs, score, mask, gqa_group, sparsity, deterministic)
-        _plan_put(plan_key, refs, plan)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dcap
+    kernels = _kernels()
+    _attn_bwd, _attn_bwd_preprocess = kernels["bwd"], kernels["preprocess"]
+    batch, hq, q_len = q.shape[0], q.shape[1], q.shape[2]
+    hkv, kv_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    gqa_group = hq // hkv  # backward_plan checked hq == hkv * gqa_group
     (hooks, grad_needs, cfg, meta, fns, fit, fwd_table_strides, table_strides, cap_strides, grad_strides,
      mode_dkdv, mode_dq, pre_block, kept, blocks) = plan
     static_site = kept["static"]  # Note [static launches]
