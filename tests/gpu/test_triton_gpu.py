@@ -192,6 +192,47 @@ def test_changing_padding_masks_do_not_sync():
         torch.testing.assert_close(out.float().cpu(), want[0], atol=2e-2, rtol=2e-2)
 
 
+def test_call_sites_on_cuda():
+    """Note [call sites] in runtime.py on the GPU: repeated calls of the op with new values (new query/key
+    values, a document-id tensor that changes, learned ALiBi slopes under GQA) run the site's plan with
+    direct launches, and every call equals the CPU path's answer (fp32 on the same bf16 inputs)."""
+    from attn_inductor.lowering.spec import AttentionSpec
+    from attn_inductor.ops import default_config
+
+    i64 = E.INT64
+    doc_eq = E.call("eq", E.Load(0, (E.q_idx,), i64), E.Load(0, (E.kv_idx,), i64), dtype=BOOL)
+    dropped = E.call("or", E.call("lt", E.q_idx, E.kv_idx, dtype=BOOL), E.call("not", doc_eq, dtype=BOOL),
+                     dtype=BOOL)
+    n = 1000
+    cases = {  # name: (spec, captured for call i, needs grad, kv heads)
+        "document": (AttentionSpec(score_live=E.score, mask=E.Call("not", (dropped,), BOOL), scale=0.125,
+                                   num_captured=1),
+                     lambda i: [((torch.arange(n) + 97 * i) // 300).to(CUDA)], [False], 4),
+        "alibi gqa": (AttentionSpec(score_live=alibi_score(), mask=causal_mask(), scale=0.125, gqa_group=2,
+                                    num_captured=1),
+                      lambda i: [(torch.linspace(0.05, 0.5, 8) * (i + 1)).to(CUDA)], [True], 4),
+    }
+    for name, (spec, captured_for, needs, hkv) in cases.items():
+        sj = spec.to_json()
+        for i in range(4):
+            q, k, v, do = _inputs(2, hkv * spec.gqa_group, hkv, n, n, 64, torch.bfloat16, seed=i, device=CUDA)
+            captured = captured_for(i)
+            got = torch.ops.attn_inductor.attention.default(q, k, v, captured, sj, default_config(impl="triton"))
+            grads = torch.ops.attn_inductor.attention_backward.default(q, k, v, *got, do, captured, needs, sj,
+                                                                       default_config(impl="triton"))
+            cpu = [t.detach().cpu().float() for t in (q, k, v, do)]
+            cpu_cap = [t.cpu() for t in captured]
+            want = torch.ops.attn_inductor.attention.default(*cpu[:3], cpu_cap, sj, default_config(impl="cpu"))
+            want_grads = torch.ops.attn_inductor.attention_backward.default(*cpu[:3], *want, cpu[3], cpu_cap, needs,
+                                                                            sj, default_config(impl="cpu"))
+            torch.testing.assert_close(got[0].float().cpu(), want[0], atol=2e-2, rtol=2e-2)
+            for a, b in zip(grads[:3], want_grads[:3]):
+                torch.testing.assert_close(a.float().cpu(), b, atol=5e-2, rtol=5e-2)
+            for a, b in zip(grads[3], want_grads[3]):
+                if b.numel():  # a slope's gradient sums over the square: compare relative to its size
+                    torch.testing.assert_close(a.float().cpu(), b, atol=2e-2 * float(b.abs().max()), rtol=2e-2)
+
+
 def test_new_lengths_one_symbolic_graph_on_cuda():
     """Note [dynamic sizes]: a compiled naive causal attention with a length-dependent relative bias, on
     CUDA, at five lengths: two graphs, every site rewritten to the Triton kernel, outputs and gradients
