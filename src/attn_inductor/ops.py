@@ -120,6 +120,20 @@ _forward_sites: dict[tuple, Any] = {}  # site key -> runtime.forward_site's func
 _backward_sites: dict[tuple, Any] = {}
 
 
+def _may_have_site(spec: str) -> bool:
+    """False for specs that never get a call site (soft masks: host work per call), which then skip
+    building the site key."""
+    hit = _site_specs.get(spec)
+    if hit is None:
+        hit = _site_specs[spec] = not AttentionSpec.from_json(spec).has_soft_mask
+        while len(_site_specs) > _SITES_MAX:
+            _site_specs.pop(next(iter(_site_specs)))
+    return hit
+
+
+_site_specs: dict[str, bool] = {}
+
+
 def _remember(sites: dict, key: tuple, make_site) -> None:
     """Keep ``make_site()`` (a function, or None: no fast path) for ``key``.  The call it follows has
     already succeeded, so a failure here only costs the fast path (the tests check sites are made)."""
@@ -134,8 +148,8 @@ def _remember(sites: dict, key: tuple, make_site) -> None:
 
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: str, config: str
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    key = _site_key(spec, config, q, k, v, captured)
-    site = _forward_sites.get(key)
+    key = _site_key(spec, config, q, k, v, captured) if _may_have_site(spec) else None
+    site = _forward_sites.get(key) if key is not None else False
     if site:
         got = site(q, k, v, captured)
         if got is not None:
@@ -162,10 +176,12 @@ def _attention_fake(q, k, v, captured, spec, config):
 def _attention_backward_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_fallback: Tensor,
                              grad_out: Tensor, captured: Sequence[Tensor], captured_needs_grad: Sequence[bool],
                              spec: str, config: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    key = (*_site_key(spec, config, q, k, v, captured), out.shape, out.stride(), lse.shape, lse.stride(),
-           lse_fallback.shape, grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
-           tuple(captured_needs_grad))
-    site = _backward_sites.get(key)
+    key = None
+    if _may_have_site(spec):
+        key = (*_site_key(spec, config, q, k, v, captured), out.shape, out.stride(), lse.shape, lse.stride(),
+               lse_fallback.shape, grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
+               tuple(captured_needs_grad))
+    site = _backward_sites.get(key) if key is not None else False
     got = site(q, k, v, out, lse, grad_out, captured) if site else None
     if got is None:
         s = AttentionSpec.from_json(spec)
