@@ -154,6 +154,14 @@ def document_mask(buffer: int = 0):
     return E.and_(causal_mask(), same)
 
 
+def document_mask_as_masked_fill(buffer: int = 0):
+    """What ``s.masked_fill((i < j) | (doc[:, None] != doc[None, :]), -inf)`` keeps (1-D ids):
+    ``~(q_idx < kv_idx | doc[q_idx] != doc[kv_idx])``."""
+    differ = E.call("ne", E.Load(buffer, (E.q_idx,), I64), E.Load(buffer, (E.kv_idx,), I64), dtype=BOOL)
+    dropped = E.call("or", E.call("lt", E.q_idx, E.kv_idx, dtype=BOOL), differ, dtype=BOOL)
+    return E.Call("not", (dropped,), BOOL)
+
+
 # ----------------------------------------------------------------------------- reference
 
 
@@ -692,10 +700,10 @@ def test_static_launch_forms(launcher_args, form, monkeypatch):
     launch._run_kernel(kernel, (2, 1, 1), (x, 7), dict(BLOCK=16, num_warps=4), site=None)
     assert [entry[0] for entry in log] == ["jit"]
     # turning them off is read into the plan key: a plan made with them on is not reused
-    on = launch._policy_key(torch.bfloat16, "ATTN_INDUCTOR_FWD_CONFIG")
+    on = launch._policy_key(torch.bfloat16)
     monkeypatch.setenv("ATTN_INDUCTOR_STATIC_LAUNCH", "0")
     assert not launch._static_launches_on()
-    assert launch._policy_key(torch.bfloat16, "ATTN_INDUCTOR_FWD_CONFIG") != on
+    assert launch._policy_key(torch.bfloat16) != on
 
 
 def _fresh_call_sites(monkeypatch):
@@ -795,12 +803,6 @@ def test_changing_padding_masks_keep_their_plans(monkeypatch):
     assert counts[0] > 0 and counts == [counts[0]] * 4, counts
 
 
-def _alibi_score():
-    dist = E.call("abs", E.call("sub", E.q_idx, E.kv_idx, dtype=_I64), dtype=_I64)
-    return E.call("sub", E.score, E.call("mul", E.Load(0, (E.h,), "float32"), dist, dtype="float32"),
-                  dtype="float32")
-
-
 def test_call_sites_compute_what_the_slow_path_does(monkeypatch):
     """Note [call sites] in runtime.py: after a first call, calls with tensors of the same metadata skip
     the runtime's planning and launch the site's plan; every call still equals the CPU implementation
@@ -823,14 +825,12 @@ def test_call_sites_compute_what_the_slow_path_does(monkeypatch):
     for name in ("attention_forward", "attention_backward"):
         monkeypatch.setattr(runtime, name, counted(name))
     _fresh_call_sites(monkeypatch)
-    doc_eq = E.call("eq", E.Load(0, (E.q_idx,), _I64), E.Load(0, (E.kv_idx,), _I64), dtype=BOOL)
     cases = {  # name: (spec, captured per call, needs grad, kv heads, fast path expected)
         "causal": (AttentionSpec(score_live=E.score, mask=causal_mask(), scale=0.25), lambda i: [], [], 2, True),
-        "document": (AttentionSpec(score_live=E.score, mask=E.Call("not", (E.call(
-            "or", E.call("lt", E.q_idx, E.kv_idx, dtype=BOOL), E.call("not", doc_eq, dtype=BOOL),
-            dtype=BOOL),), BOOL), scale=0.25, num_captured=1),
+        "document": (AttentionSpec(score_live=E.score, mask=document_mask_as_masked_fill(), scale=0.25,
+                                   num_captured=1),
             lambda i: [(torch.arange(40) + 7 * i) // 13], [False], 2, True),
-        "alibi gqa": (AttentionSpec(score_live=_alibi_score(), mask=causal_mask(), scale=0.25, gqa_group=2,
+        "alibi gqa": (AttentionSpec(score_live=alibi_score(), mask=causal_mask(), scale=0.25, gqa_group=2,
                                     num_captured=1),
                       lambda i: [torch.linspace(0.1, 0.5, 4) * (i + 1)], [True], 2, True),
         "soft padding": (AttentionSpec(score_live=E.score, mask=causal_mask(),

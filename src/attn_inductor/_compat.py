@@ -61,6 +61,12 @@ def env_reader(*names: str):
     return lambda: tuple(map(os.environ.get, names))
 
 
+# every environment variable a launch plan (or a call site, ops.py) depends on: one reader for both
+POLICY_ENV = ("ATTN_INDUCTOR_FWD_CONFIG", "ATTN_INDUCTOR_BWD_CONFIG", "ATTN_INDUCTOR_SPARSITY",
+              "ATTN_INDUCTOR_STATIC_LAUNCH", "TRITON_INTERPRET")
+policy_env = env_reader(*POLICY_ENV)
+
+
 def cuda_graph_pool_active(device) -> bool:
     """Allocations on this thread may land in a CUDA graph's private memory pool: a stream capture, or
     the warm-up and recording runs of Inductor's CUDA graph trees (``mode="reduce-overhead"``).

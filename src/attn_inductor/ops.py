@@ -110,11 +110,9 @@ def _site_key(spec: str, config: str, q: Tensor, k: Tensor, v: Tensor, captured:
     """Everything the runtime's planning reads besides values (Note [call sites] in runtime.py)."""
     return (spec, config, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
             q.device, k.device, v.device, tuple((t.shape, t.stride(), t.dtype, t.device) for t in captured),
-            _POLICY_ENV(), q.dtype == torch.float32 and _compat.fp32_matmul_allows_tf32())
+            _compat.policy_env(), q.dtype == torch.float32 and _compat.fp32_matmul_allows_tf32())
 
 
-_POLICY_ENV = _compat.env_reader("ATTN_INDUCTOR_FWD_CONFIG", "ATTN_INDUCTOR_BWD_CONFIG", "ATTN_INDUCTOR_SPARSITY",
-                                 "ATTN_INDUCTOR_STATIC_LAUNCH", "TRITON_INTERPRET")
 _SITES_MAX = 256
 _forward_sites: dict[tuple, Any] = {}  # site key -> runtime.forward_site's function, or False (none)
 _backward_sites: dict[tuple, Any] = {}

@@ -41,7 +41,6 @@ from typing import Sequence
 
 import torch
 
-from . import _compat
 from .lowering import expr as E
 from .lowering.expr import Expr
 from .lowering.spec import AttentionSpec
@@ -63,44 +62,24 @@ def block_sparsity_for(pred: Expr | None, q, k, captured, block_m: int, block_n:
 
 
 def _sparsity(impl, pred, q, k, v, captured, backward: bool) -> BlockSparsity | None:
-    if _reads_no_tables(impl, pred):  # no mask, or Note [closed-form bounds]
+    reads_no_tables = getattr(impl, "reads_no_tables", None)
+    if reads_no_tables is not None and reads_no_tables(pred):  # no mask, or Note [closed-form bounds]
         return None
+    return _tables_for(impl, pred, q, k, v, captured, backward)
+
+
+def _tables_for(impl, pred, q, k, v, captured, backward: bool) -> BlockSparsity:
     block_m, block_n = impl.preferred_blocks(q, k, v, backward=backward)
     return block_sparsity_for(pred, q, k, captured, block_m, block_n)
 
 
-def _reads_no_tables(impl, pred) -> bool:
-    """``impl.reads_no_tables(pred)``, kept per (implementation, predicate, tables policy): every call asks."""
-    key = (id(impl), id(pred), _TABLES_POLICY())
-    hit = _untabled.get(key)
-    if hit is None or hit[0] is not impl or hit[1] is not pred:  # the value keeps both ids their own
-        test = getattr(impl, "reads_no_tables", None)
-        hit = _untabled[key] = (impl, pred, test is not None and bool(test(pred)))
-        while len(_untabled) > 256:
-            _untabled.pop(next(iter(_untabled)))
-    return hit[2]
-
-
-_untabled: dict[tuple, tuple] = {}
-_TABLES_POLICY = _compat.env_reader("ATTN_INDUCTOR_SPARSITY")
-
-
 def _check(spec: AttentionSpec, q, k, v, captured):
-    key = (id(spec), q.shape[1], k.shape[1], len(captured))
-    if _checked.get(key) is spec:  # the spec object is kept by the key's value: its id stays its own
-        return
     if spec.dropout_p:
         raise NotImplementedError("attention with dropout is not implemented by the runtime")
     if q.shape[1] != k.shape[1] * spec.gqa_group:
         raise ValueError(f"q has {q.shape[1]} heads, k has {k.shape[1]}, spec says gqa_group={spec.gqa_group}")
     if len(captured) != spec.num_captured:
         raise ValueError(f"spec captures {spec.num_captured} tensors, got {len(captured)}")
-    _checked[key] = spec
-    while len(_checked) > 256:
-        _checked.pop(next(iter(_checked)))
-
-
-_checked: dict[tuple, AttentionSpec] = {}
 
 
 def _no_hard_entry(lse: torch.Tensor, lse_fallback: torch.Tensor) -> torch.Tensor:
@@ -272,26 +251,37 @@ def _nan_loads(spec: AttentionSpec, needs) -> list:
 #     say) returns None and the call takes the slow path.  Specs whose semantics need host work per call
 #     (soft masks; captured gradients poisoned by NaN rows) or cores without plans (the CPU path) get no
 #     site.
+def _site_sparsity(impl, pred, q, k, v, captured, backward: bool):
+    """This call's sparsity, and the function giving a later call's: None when no tables are read, False
+    when the call's tables have another layout than this one's (its plan does not fit them)."""
+    first = _sparsity(impl, pred, q, k, v, captured, backward)
+    if first is None:
+        return None, lambda q, k, v, captured: None
+    layout = impl.sparsity_layout(first)
+
+    def per_call(q, k, v, captured):
+        sp = _tables_for(impl, pred, q, k, v, captured, backward)
+        return sp if impl.sparsity_layout(sp) == layout else False
+
+    return first, per_call
+
+
 def forward_site(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor], impl):
     """A function (q, k, v, captured) -> (out, lse, lse_fallback) or None (Note [call sites]); None when the
     spec or implementation has no fast path."""
     if spec.has_soft_mask or not hasattr(impl, "forward_plan"):
         return None
     _check(spec, q, k, v, captured)
-    pred, score, scale = spec.live_mask, spec.score_live, spec.scale
-    untabled = _reads_no_tables(impl, pred)
-    sparsity = None if untabled else _sparsity(impl, pred, q, k, v, captured, backward=False)
-    layout = None if untabled else impl.sparsity_layout(sparsity)
+    sparsity, sparsity_of = _site_sparsity(impl, spec.live_mask, q, k, v, captured, backward=False)
     nan_in_core = spec.fully_masked_rows == "eager" and spec.mask is not None
-    plan = impl.forward_plan(q, k, v, captured, score=score, mask=pred, gqa_group=spec.gqa_group,
-                             sparsity=sparsity, empty_rows="nan" if nan_in_core else "zero")
+    plan = impl.forward_plan(q, k, v, captured, score=spec.score_live, mask=spec.live_mask,
+                             gqa_group=spec.gqa_group, sparsity=sparsity, empty_rows="nan" if nan_in_core else "zero")
+    scale = spec.scale
 
     def run(q, k, v, captured):
-        sp = None
-        if not untabled:
-            sp = _sparsity(impl, pred, q, k, v, captured, backward=False)
-            if impl.sparsity_layout(sp) != layout:
-                return None
+        sp = sparsity_of(q, k, v, captured)
+        if sp is False:
+            return None
         out, lse = impl.run_forward(plan, q, k, v, captured, scale=scale, sparsity=sp)
         return out, lse, lse.new_empty(0)
 
@@ -310,22 +300,18 @@ def backward_site(spec: AttentionSpec, q, k, v, out, lse, grad_out, captured: Se
     if eager_nan and _nan_loads(spec, needs):
         return None
     empty_rows = "nan" if eager_nan else "zero"
-    pred, score, scale = spec.live_mask, spec.score_live, spec.scale
-    untabled = _reads_no_tables(impl, pred)
-    sparsity = None if untabled else _sparsity(impl, pred, q, k, v, captured, backward=True)
-    layout = None if untabled else impl.sparsity_layout(sparsity)
+    sparsity, sparsity_of = _site_sparsity(impl, spec.live_mask, q, k, v, captured, backward=True)
     if grad_out.dtype != v.dtype:
         grad_out = grad_out.to(v.dtype)
-    plan = impl.backward_plan(q, k, v, out, lse, grad_out, captured, needs, score=score, mask=pred,
-                              gqa_group=spec.gqa_group, sparsity=sparsity, deterministic=deterministic,
-                              empty_rows=empty_rows)
+    plan = impl.backward_plan(q, k, v, out, lse, grad_out, captured, needs, score=spec.score_live,
+                              mask=spec.live_mask, gqa_group=spec.gqa_group, sparsity=sparsity,
+                              deterministic=deterministic, empty_rows=empty_rows)
+    scale = spec.scale
 
     def run(q, k, v, out, lse, grad_out, captured):
-        sp = None
-        if not untabled:
-            sp = _sparsity(impl, pred, q, k, v, captured, backward=True)
-            if impl.sparsity_layout(sp) != layout:
-                return None
+        sp = sparsity_of(q, k, v, captured)
+        if sp is False:
+            return None
         return impl.run_backward(plan, q, k, v, out, lse, grad_out, captured, needs, scale=scale, sparsity=sp,
                                  deterministic=deterministic, empty_rows=empty_rows)
 

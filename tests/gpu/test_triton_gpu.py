@@ -22,8 +22,8 @@ from attn_inductor.lowering import expr as E  # noqa: E402
 from attn_inductor.runtime import block_sparsity_for  # noqa: E402
 from attn_inductor.templates import launch  # noqa: E402
 from tests.test_triton_kernels import (  # noqa: E402
-    BOOL, _inputs, alibi_score, causal_key_padding_mask, causal_mask, check_case, document_mask, relbias_score,
-    sliding_mask, softcap_score)
+    BOOL, _inputs, alibi_score, causal_key_padding_mask, causal_mask, check_case, document_mask,
+    document_mask_as_masked_fill, relbias_score, sliding_mask, softcap_score)
 
 CUDA = "cuda"
 
@@ -199,13 +199,9 @@ def test_call_sites_on_cuda():
     from attn_inductor.lowering.spec import AttentionSpec
     from attn_inductor.ops import default_config
 
-    i64 = E.INT64
-    doc_eq = E.call("eq", E.Load(0, (E.q_idx,), i64), E.Load(0, (E.kv_idx,), i64), dtype=BOOL)
-    dropped = E.call("or", E.call("lt", E.q_idx, E.kv_idx, dtype=BOOL), E.call("not", doc_eq, dtype=BOOL),
-                     dtype=BOOL)
     n = 1000
     cases = {  # name: (spec, captured for call i, needs grad, kv heads)
-        "document": (AttentionSpec(score_live=E.score, mask=E.Call("not", (dropped,), BOOL), scale=0.125,
+        "document": (AttentionSpec(score_live=E.score, mask=document_mask_as_masked_fill(), scale=0.125,
                                    num_captured=1),
                      lambda i: [((torch.arange(n) + 97 * i) // 300).to(CUDA)], [False], 4),
         "alibi gqa": (AttentionSpec(score_live=alibi_score(), mask=causal_mask(), scale=0.125, gqa_group=2,

@@ -176,11 +176,9 @@ def _tables(sp: BlockSparsity, forward: bool) -> tuple:
     return tabs
 
 
-def _sparsity_layout(sp: BlockSparsity | None) -> tuple | None:
+def sparsity_layout(sp: BlockSparsity | None) -> tuple | None:
+    """What a launch plan depends on of a sparsity (runtime's call sites compare it)."""
     return None if sp is None else _derived_of(sp)["layout"]
-
-
-sparsity_layout = _sparsity_layout  # what a launch plan depends on of a sparsity (runtime's call sites compare it)
 
 
 # Note [fitting the device]
@@ -338,21 +336,15 @@ def _hooks(score: Expr, mask: Expr | None, captured, needs_grad, q, k, backward:
 #     ``_plans``, keyed by those values.  Expressions enter the key by identity,
 #     and the plan holds them, so an id cannot be reused by another object while
 #     the plan lives; a hit also checks identity.  A sparsity object enters by
-#     its layout only (``_sparsity_layout``): its tables are per-call data, since
+#     its layout only (``sparsity_layout``): its tables are per-call data, since
 #     a padding mask that changes every batch brings new tables every call.
 _plans: "OrderedDict[tuple, tuple]" = OrderedDict()
 _PLANS_MAX = 256
 
 
-def _policy_key(dtype: torch.dtype, env: str) -> tuple:
+def _policy_key(dtype: torch.dtype) -> tuple:
     """Everything a plan reads from the environment and torch's matmul settings (raw values: cheap)."""
-    tf32 = dtype == torch.float32 and _compat.fp32_matmul_allows_tf32()
-    return _POLICY_ENV[env](), tf32
-
-
-_POLICY_ENV = {name: _compat.env_reader(name, "ATTN_INDUCTOR_SPARSITY", "TRITON_INTERPRET",
-                                        "ATTN_INDUCTOR_STATIC_LAUNCH")
-               for name in ("ATTN_INDUCTOR_FWD_CONFIG", "ATTN_INDUCTOR_BWD_CONFIG")}
+    return _compat.policy_env(), dtype == torch.float32 and _compat.fp32_matmul_allows_tf32()
 
 
 def _static_launches_on() -> bool:
@@ -438,10 +430,10 @@ def forward_plan(q, k, v, captured, *, score, mask, gqa_group, sparsity, row_sel
     if batch * hq * q_len == 0:
         return None
     refs = (score, mask)
-    plan_key = ("fwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
+    plan_key = ("fwd", id(score), id(mask), sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
                 k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
                 _captured_key(captured), row_select, empty_rows, gqa_group,
-                _policy_key(q.dtype, "ATTN_INDUCTOR_FWD_CONFIG"))
+                _policy_key(q.dtype))
     plan = _plan_get(plan_key, refs)
     if plan is None:
         _check(q, k, v, gqa_group)  # the key holds everything it looks at
@@ -612,10 +604,10 @@ def backward_plan(q, k, v, out, lse, grad_out, captured, needs, *, score, mask, 
         return None
     device = q.device
     refs = (score, mask)
-    plan_key = ("bwd", id(score), id(mask), _sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
+    plan_key = ("bwd", id(score), id(mask), sparsity_layout(sparsity), q.shape, q.stride(), k.shape,
                 k.stride(), v.shape, v.stride(), out.stride(), lse.stride(), grad_out.stride(), q.dtype, k.dtype,
                 v.dtype, device, k.device, v.device, _captured_key(captured), tuple(needs), gqa_group,
-                bool(deterministic), empty_rows, _policy_key(q.dtype, "ATTN_INDUCTOR_BWD_CONFIG"))
+                bool(deterministic), empty_rows, _policy_key(q.dtype))
     plan = _plan_get(plan_key, refs)
     if plan is None:
         _check(q, k, v, gqa_group)  # the key holds everything it looks at
